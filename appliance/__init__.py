@@ -1,0 +1,1 @@
+"""Circles core library: the bus, the service runtime, config and logging."""

@@ -1,0 +1,76 @@
+"""Payload models of the registry's topics. A payload is exactly its model's JSON,
+so a device or `mosquitto_pub` can publish one by hand."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeadLetter(Payload):
+    """What `circles/dlq/<service>` carries: the message as it arrived and why it failed."""
+
+    service: str
+    topic: str
+    payload: str
+    encoding: str = Field(description="utf-8, or base64 when the payload was not UTF-8")
+    reason: str
+    ts: str = Field(default_factory=utcnow)
+    request_id: str | None = None
+
+
+class CommandRequest(BaseModel):
+    """A command's arguments; each command documents its own keys."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    by: str | None = Field(None, description="who asked (a user, a device), for the audit log")
+
+
+class CommandReply(Payload):
+    ok: bool
+    error: str | None = None
+    result: Any = None
+
+
+class ServiceState(Payload):
+    online: bool
+    since: str | None = None
+
+
+class HealthState(Payload):
+    ts: str
+    hostname: str
+    cpu_percent: float
+    load: tuple[float, float, float]
+    memory_percent: float
+    memory_used_mb: float
+    memory_total_mb: float
+    disk_percent: float
+    disk_free_gb: float
+    uptime_s: float
+    cpu_temp_c: float | None = None
+    clock_synchronized: bool | None = None
+    services: dict[str, ServiceState] = {}
+
+
+class HomeState(Payload):
+    value: Any
+    unit: str | None = None
+    ts: str = Field(default_factory=utcnow)
+
+
+class TradingHalt(Payload):
+    halted: bool
+    by: str
+    reason: str
+    ts: str = Field(default_factory=utcnow)

@@ -1,0 +1,54 @@
+"""The topic registry: every topic of the bus is declared here, once.
+
+Services, devices and tests name topics only through these specs
+(`SERVICE_STATUS.topic(service="health")`), never as literal strings.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from appliance.bus import payloads as p
+from appliance.bus.topics import TopicSpec
+
+
+def _spec(name: str, template: str, *, qos: int = 1, retained: bool = False,
+          model: type[BaseModel] | None = None, pub: str = "", sub: str = "") -> TopicSpec:
+    return TopicSpec(name, template, qos, retained, model,
+                     frozenset(pub.split()), frozenset(sub.split()))
+
+
+SERVICE_STATUS = _spec("service_status", "circles/{service}/status", retained=True,
+                       pub="service:self", sub="service homeassistant")
+DLQ = _spec("dlq", "circles/dlq/{service}", model=p.DeadLetter,
+            pub="service:self", sub="service")
+SERVICE_CMD = _spec("service_cmd", "circles/{service}/cmd/{command}", model=p.CommandRequest,
+                    pub="service", sub="service:self")
+REPLY = _spec("reply", "circles/reply/{service}/{request}", model=p.CommandReply,
+              pub="service", sub="service:self")
+HEALTH_STATE = _spec("health_state", "circles/health/state", retained=True,
+                     model=p.HealthState, pub="service:health", sub="service homeassistant")
+TRADING_HALT = _spec("trading_halt", "circles/trading/halt", retained=True, model=p.TradingHalt,
+                     pub="service:risk", sub="service mt5 homeassistant")
+HOME_STATE = _spec("home_state", "circles/home/{device}/{entity}/state", retained=True,
+                   model=p.HomeState, pub="esp32:self service", sub="service homeassistant")
+HOME_SET = _spec("home_set", "circles/home/{device}/{entity}/set",
+                 pub="homeassistant service", sub="esp32:self service")
+HOME_STATUS = _spec("home_status", "circles/home/{device}/status", retained=True,
+                    pub="esp32:self service", sub="service homeassistant")
+HA_STATUS = _spec("ha_status", "homeassistant/status", retained=True,
+                  pub="homeassistant", sub="service esp32")
+HA_DISCOVERY = _spec("ha_discovery", "homeassistant/{component}/{device}/{object}/config",
+                     retained=True, pub="service esp32:self", sub="homeassistant")
+HA_CMD = _spec("ha_cmd", "circles/ha/cmd/{command}", pub="homeassistant", sub="service")
+
+SPECS: tuple[TopicSpec, ...] = tuple(
+    value for value in globals().values() if isinstance(value, TopicSpec))
+
+
+def spec_for(topic: str) -> TopicSpec | None:
+    """The first spec whose template matches `topic`."""
+    for spec in SPECS:
+        if spec.parse(topic) is not None:
+            return spec
+    return None

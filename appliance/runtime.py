@@ -1,0 +1,325 @@
+"""The Service base class and `run()`: what every Circles process does the same way.
+
+`run()` builds the settings, connects to the broker, subscribes, says `online`, sends
+`READY=1`, then runs the receive loop and the service's own `run()` until SIGTERM.
+A QoS 1 message is acknowledged to the broker only after its handler returned (or
+after it went to the dead-letter topic), so a process killed mid-handling gets it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import ValidationError
+
+from appliance import logging as circles_logging
+from appliance.bus import registry
+from appliance.bus.base import Bus
+from appliance.bus.message import Message, Received
+from appliance.bus.mqtt import BrokerAddress, MqttBus
+from appliance.bus.payloads import CommandReply, CommandRequest
+from appliance.bus.topics import Filter, TopicSpec
+from appliance.config import CoreSettings, Section, load, section_name, settings_class
+from appliance.errors import CirclesError, ConfigError, TemporaryError, ValidationFailed
+from appliance.logging import request_id
+from appliance.secrets import read_secret
+
+log = logging.getLogger("circles.runtime")
+STOP_TIMEOUT_S = 4.0
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def notify(state: str) -> bool:
+    """Send one sd_notify line; a no-op (False) without NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WATCHDOG_USEC, when the watchdog is meant for this process."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2_000_000
+
+
+def subscribe(spec: TopicSpec, *, batch: bool = False, **params: str) -> Callable[[F], F]:
+    """Mark a method as the handler of `spec` (narrowed by `params`). With `batch=True` it
+    receives a list of messages and may commit them at once; the batch is acknowledged
+    after it returns."""
+
+    def mark(method: F) -> F:
+        method.__circles_subscription__ = (spec, params, batch)  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+class Service:
+    """Base of every service. Subclasses set `name` and `Settings`, mark handlers with
+    `@subscribe`, may answer commands with `cmd_<command>` methods, and may override
+    `start`, `run` and `stop`."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[Section]] = Section
+    _handlers: ClassVar[list[tuple[TopicSpec, dict[str, str], bool, str]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handlers = [
+            (*attr.__circles_subscription__, attr_name)
+            for attr_name in dir(cls)
+            if hasattr(attr := getattr(cls, attr_name), "__circles_subscription__")
+        ]
+
+    def __init__(self, settings: CoreSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.config: Any = getattr(settings, section_name(self.name), None)
+
+    async def start(self) -> None:
+        """Before READY: open what the service needs."""
+
+    async def run(self) -> None:
+        """The service's own work beside message handling; returns or runs until cancelled."""
+
+    async def stop(self) -> None:
+        """After the last message was handled: close what `start` opened."""
+
+    def status_text(self) -> str:
+        return "running"
+
+    async def cmd_ping(self, request: CommandRequest) -> dict[str, Any]:
+        return {"service": self.name, "pid": os.getpid()}
+
+
+class Runner:
+    """Drives one Service: routing, validation, dead letters, acks, commands, watchdog."""
+
+    def __init__(self, service: Service, bus: Bus, *, batch_max: int = 500) -> None:
+        self.service = service
+        self.bus = bus
+        self.batch_max = batch_max
+        self.alive_at = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.handled = 0
+        cmd = registry.SERVICE_CMD
+        self.routes: list[tuple[Filter, TopicSpec, bool, Callable[..., Awaitable[Any]] | None]] = [
+            (cmd.filter(service=service.name), cmd, False, None)]
+        for spec, params, batch, attr in service._handlers:
+            self.routes.append((spec.filter(**params), spec, batch, getattr(service, attr)))
+
+    def filters(self) -> list[tuple[Filter, int]]:
+        return [(flt, spec.qos) for flt, spec, _, _ in self.routes]
+
+    def _route(self, message: Message) -> tuple[TopicSpec, bool, Any] | None:
+        for flt, spec, batch, handler in self.routes:
+            if flt.matches(message.topic):
+                return spec, batch, handler
+        return None
+
+    async def receive_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.alive_at = time.monotonic()
+            batch = await self.bus.receive(self.batch_max, timeout=1.0)
+            if batch:
+                await self.handle(batch)
+                self.alive_at = time.monotonic()
+
+    async def handle(self, batch: list[Message]) -> None:
+        """Validate, dispatch and acknowledge one batch of received messages."""
+        groups: dict[Any, list[Received]] = {}
+        for message in batch:
+            route = self._route(message)
+            if route is None:
+                await self.bus.dead_letter(message, "no handler for this topic")
+                continue
+            spec, is_batch, handler = route
+            try:
+                data = spec.decode(message.payload)
+            except ValidationFailed as exc:
+                await self._reject(message, str(exc))
+                continue
+            received = Received(message, spec, spec.parse(message.topic) or {}, data)
+            if handler is None:
+                await self._command(received)
+            elif is_batch:
+                groups.setdefault(handler, []).append(received)
+            else:
+                await self._call(handler, received)
+        for handler, items in groups.items():
+            await self._call_batch(handler, items)
+        for message in batch:
+            self.bus.ack(message)
+        self.handled += len(batch)
+
+    async def _reject(self, message: Message, reason: str) -> None:
+        await self.bus.dead_letter(message, reason)
+        if message.response_topic:
+            await self.bus.reply(message, CommandReply(ok=False, error=reason))
+
+    async def _call(self, handler: Callable[..., Awaitable[Any]], received: Received) -> None:
+        token = request_id.set(received.message.request_id)
+        try:
+            await handler(received)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the loop
+            log.exception("handler failed", extra={"topic": received.topic})
+            await self.bus.dead_letter(received.message, f"{type(exc).__name__}: {exc}")
+        finally:
+            request_id.reset(token)
+
+    async def _call_batch(self, handler: Callable[..., Awaitable[Any]], items: list[Received]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await handler(items)
+                return
+            except TemporaryError as exc:
+                if self.stopping.is_set():
+                    raise  # not acknowledged: the broker redelivers after the restart
+                log.warning("batch failed, retrying", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:  # noqa: BLE001 - find the message that fails, alone
+                if len(items) == 1:
+                    await self._call(handler, items[0])  # logs and dead-letters it
+                    return
+                for item in items:
+                    await self._call_batch(handler, [item])
+                return
+
+    async def _command(self, received: Received) -> None:
+        message = received.message
+        command = received.params.get("command", "").replace("-", "_")
+        method = getattr(self.service, f"cmd_{command}", None)
+        token = request_id.set(message.request_id)
+        try:
+            if method is None:
+                reply = CommandReply(ok=False, error=f"unknown command {command!r}")
+            else:
+                reply = CommandReply(ok=True, result=await method(received.data))
+        except (CirclesError, ValueError, ValidationError) as exc:
+            reply = CommandReply(ok=False, error=str(exc))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("command failed", extra={"command": command})
+            reply = CommandReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            request_id.reset(token)
+        await self.bus.reply(message, reply)
+
+    async def watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while the receive loop really turns (not a blind timer)."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(interval)
+            stale = time.monotonic() - self.alive_at
+            if stale < interval:
+                notify(f"WATCHDOG=1\nSTATUS={self.service.status_text()}, "
+                       f"{self.handled} messages handled")
+            else:
+                log.error("receive loop stuck; withholding the watchdog ping",
+                          extra={"stale_s": round(stale, 1)})
+
+
+def address_for(settings: CoreSettings, name: str) -> BrokerAddress:
+    bus = settings.bus
+    username = bus.username or name
+    password = bus.password.get_secret_value() if bus.password else read_secret(
+        f"mqtt-{username}", settings.state_dir)
+    if not password:
+        raise ConfigError(f"config: bus.password: not set, and no secret mqtt-{username} in "
+                          f"$CREDENTIALS_DIRECTORY or {settings.state_dir}/secrets")
+    circles_logging.redact(password)
+    return BrokerAddress(bus.host, bus.port, username, password, bus.tls, bus.ca_file,
+                         bus.keepalive_s, bus.receive_maximum, bus.session_expiry_s,
+                         bus.reconnect_max_s)
+
+
+async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) -> None:
+    """Run a service on a bus until SIGTERM/SIGINT."""
+    service = service_cls(settings, bus)
+    runner = Runner(service, bus, batch_max=settings.bus.batch_max)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runner.stopping.set)
+    notify("STATUS=connecting to the broker")
+    await bus.connect()
+    await service.start()
+    await bus.subscribe(runner.filters())
+    await bus.announce_online()
+    notify(f"READY=1\nSTATUS={service.status_text()}")
+    log.info("service ready", extra={"subscriptions": [str(f) for f, _ in runner.filters()]})
+
+    tasks = {asyncio.create_task(runner.receive_loop(), name="receive"),
+             asyncio.create_task(service.run(), name="run")}
+    if (interval := watchdog_interval()) is not None:
+        tasks.add(asyncio.create_task(runner.watchdog(interval), name="watchdog"))
+    stop_wait = asyncio.create_task(runner.stopping.wait())
+    failure: BaseException | None = None
+    pending = set(tasks)
+    while not runner.stopping.is_set():
+        done, pending = await asyncio.wait(pending | {stop_wait},
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop_wait}:
+            if task.exception() is not None:
+                failure = task.exception()
+                runner.stopping.set()
+            elif task.get_name() == "receive":
+                runner.stopping.set()
+        pending.discard(stop_wait)
+
+    notify("STOPPING=1\nSTATUS=stopping")
+    log.info("stopping")
+    receive = next((t for t in tasks if t.get_name() == "receive"), None)
+    if receive is not None and not receive.done():
+        # Finish the batch in hand; what was not handled is not acknowledged.
+        await asyncio.wait({receive}, timeout=STOP_TIMEOUT_S / 2)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S / 4)
+    finally:
+        await bus.close()
+    if failure is not None:
+        raise failure
+
+
+def run(service_cls: type[Service]) -> int:
+    """The entry point of `circles run <name>`; returns the exit code."""
+    try:
+        settings = load(settings_class({service_cls.name: service_cls.Settings}))
+        circles_logging.setup(service_cls.name, level=settings.log.level,
+                              environment=settings.environment,
+                              journal_socket=settings.log.journal_socket)
+        address = address_for(settings, service_cls.name)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return ConfigError.exit_code
+    logging.getLogger("circles.runtime").info("starting", extra={"broker": repr(address)})
+    bus = MqttBus(service_cls.name, address)
+    try:
+        asyncio.run(serve(service_cls, settings, bus))
+    except ConfigError as exc:
+        log.error(str(exc))
+        return ConfigError.exit_code
+    except Exception as exc:  # noqa: BLE001 - systemd restarts us; say why first
+        log.exception("service failed", extra={"error": str(exc)})
+        return 1
+    return 0
+

@@ -1,0 +1,1 @@
+"""Circles services, one package each; registered under the `circles.services` entry point."""
