@@ -112,10 +112,14 @@ class Service:
 class Runner:
     """Drives one Service: routing, validation, dead letters, acks, commands, watchdog."""
 
-    def __init__(self, service: Service, bus: Bus, *, batch_max: int = 500) -> None:
+    def __init__(self, service: Service, bus: Bus, *, batch_max: int = 500,
+                 watchdog_s: float | None = None) -> None:
         self.service = service
         self.bus = bus
         self.batch_max = batch_max
+        self.watchdog_s = watchdog_s
+        # The receive loop turns at least this often when idle, well within a watchdog period.
+        self.tick = min(1.0, watchdog_s / 4) if watchdog_s else 1.0
         self.alive_at = time.monotonic()
         self.stopping = asyncio.Event()
         self.handled = 0
@@ -137,7 +141,7 @@ class Runner:
     async def receive_loop(self) -> None:
         while not self.stopping.is_set():
             self.alive_at = time.monotonic()
-            batch = await self.bus.receive(self.batch_max, timeout=1.0)
+            batch = await self.bus.receive(self.batch_max, timeout=self.tick)
             if batch:
                 await self.handle(batch)
                 self.alive_at = time.monotonic()
@@ -174,10 +178,11 @@ class Runner:
         if message.response_topic:
             await self.bus.reply(message, CommandReply(ok=False, error=reason))
 
-    async def _call(self, handler: Callable[..., Awaitable[Any]], received: Received) -> None:
+    async def _call(self, handler: Callable[..., Awaitable[Any]], received: Received,
+                    batch: bool = False) -> None:
         token = request_id.set(received.message.request_id)
         try:
-            await handler(received)
+            await handler([received] if batch else received)
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the loop
             log.exception("handler failed", extra={"topic": received.topic})
             await self.bus.dead_letter(received.message, f"{type(exc).__name__}: {exc}")
@@ -198,7 +203,7 @@ class Runner:
                 delay = min(delay * 2, 5.0)
             except Exception:  # noqa: BLE001 - find the message that fails, alone
                 if len(items) == 1:
-                    await self._call(handler, items[0])  # logs and dead-letters it
+                    await self._call(handler, items[0], batch=True)  # logs, dead-letters it
                     return
                 for item in items:
                     await self._call_batch(handler, [item])
@@ -223,8 +228,10 @@ class Runner:
             request_id.reset(token)
         await self.bus.reply(message, reply)
 
-    async def watchdog(self, interval: float) -> None:
+    async def watchdog(self) -> None:
         """WATCHDOG=1 only while the receive loop really turns (not a blind timer)."""
+        interval = self.watchdog_s
+        assert interval
         while not self.stopping.is_set():
             await asyncio.sleep(interval)
             stale = time.monotonic() - self.alive_at
@@ -253,7 +260,8 @@ def address_for(settings: CoreSettings, name: str) -> BrokerAddress:
 async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) -> None:
     """Run a service on a bus until SIGTERM/SIGINT."""
     service = service_cls(settings, bus)
-    runner = Runner(service, bus, batch_max=settings.bus.batch_max)
+    runner = Runner(service, bus, batch_max=settings.bus.batch_max,
+                    watchdog_s=watchdog_interval())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runner.stopping.set)
@@ -267,8 +275,8 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
 
     tasks = {asyncio.create_task(runner.receive_loop(), name="receive"),
              asyncio.create_task(service.run(), name="run")}
-    if (interval := watchdog_interval()) is not None:
-        tasks.add(asyncio.create_task(runner.watchdog(interval), name="watchdog"))
+    if runner.watchdog_s:
+        tasks.add(asyncio.create_task(runner.watchdog(), name="watchdog"))
     stop_wait = asyncio.create_task(runner.stopping.wait())
     failure: BaseException | None = None
     pending = set(tasks)

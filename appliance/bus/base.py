@@ -160,6 +160,8 @@ class BaseBus:
     async def request(self, service: str, command: str, args: dict[str, Any] | None = None,
                       *, timeout: float = 5.0) -> CommandReply:
         """Send `circles/<service>/cmd/<command>` and wait for the reply."""
+        if str(self.reply_filter) not in self._filters:
+            await self.subscribe([(self.reply_filter, 1)])
         correlation = uuid.uuid4().bytes
         reply_topic = str(registry.REPLY.topic(service=self.name, request=correlation.hex()))
         waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()

@@ -1,0 +1,172 @@
+"""Test helpers: a real broker, a tester client, running a service as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.bus import BrokerAddress, Filter, Message, MqttBus
+from appliance.bus.admin import BrokerAdmin
+from appliance.secrets import ensure_secret, read_secret
+from appliance.supervisor import Broker
+
+TESTER = "tester"
+_counter = itertools.count()
+
+
+def unique_topic(prefix: str = "circles/tester/t") -> str:
+    """A topic no other test uses (under the tester's own prefix by default)."""
+    return f"{prefix}/{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class TestBroker:
+    """A real Mosquitto with the project's generated config, auth and ACLs."""
+
+    __test__ = False
+
+    state: Path
+    port: int
+    broker: Broker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = Broker(self.state, self.port)
+
+    def start(self) -> None:
+        self.broker.start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    async def admin(self) -> BrokerAdmin:
+        return await BrokerAdmin.connect("127.0.0.1", self.port, self.state)
+
+    async def provision(self, services: list[str]) -> None:
+        """Service clients, plus a `tester` client that may publish and subscribe anything."""
+        admin = await self.admin()
+        try:
+            await admin.sync(services, self.state)
+            acls = [{"acltype": t, "topic": "#", "priority": 0, "allow": True}
+                    for t in ("publishClientSend", "subscribePattern")]
+            await admin.execute({"command": "createRole", "rolename": TESTER, "acls": acls},
+                                allow=["Role already exists"])
+            password = ensure_secret(f"mqtt-{TESTER}", self.state)
+            await admin.execute({"command": "createClient", "username": TESTER,
+                                 "password": password, "roles": [{"rolename": TESTER}]},
+                                allow=["Client already exists"])
+        finally:
+            await admin.close()
+
+    def password(self, username: str) -> str:
+        value = read_secret(f"mqtt-{username}", self.state)
+        assert value, f"no secret for {username}"
+        return value
+
+    def address(self, username: str, password: str | None = None, **kw: Any) -> BrokerAddress:
+        return BrokerAddress("127.0.0.1", self.port, username,
+                             password if password is not None else self.password(username), **kw)
+
+    def bus(self, username: str = TESTER, *, name: str | None = None, persistent: bool = False,
+            client_id: str | None = None, **kw: Any) -> MqttBus:
+        return MqttBus(name or username, self.address(username, **kw), status=False,
+                       persistent=persistent,
+                       client_id=client_id or f"{username}-{uuid.uuid4().hex[:8]}")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a service process pointed at this broker."""
+        config = self.state / "empty.toml"
+        config.touch()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CIRCLES_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                                "JOURNAL_STREAM")}
+        env.update(CIRCLES_STATE_DIR=str(self.state), CIRCLES_BUS__PORT=str(self.port),
+                   CIRCLES_ENVIRONMENT="development", CIRCLES_CONFIG=str(config),
+                   CIRCLES_HEALTH__INTERVAL_S="0.5", CIRCLES_BUS__RECONNECT_MAX_S="1")
+        env.update(extra)
+        return env
+
+
+class Collector:
+    """A connected client that keeps every message arriving on its filters."""
+
+    def __init__(self, bus: MqttBus) -> None:
+        self.bus = bus
+        self.messages: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, broker: TestBroker, *filters: str, **kw: Any) -> Collector:
+        self = cls(broker.bus(**kw))
+        await self.bus.connect()
+        await self.bus.subscribe([(Filter(f), 1) for f in filters])
+        self._task = asyncio.create_task(self._pump())
+        return self
+
+    async def _pump(self) -> None:
+        while True:
+            for message in await self.bus.receive(100, timeout=1):
+                self.messages.append(message)
+                self.bus.ack(message)
+
+    def on(self, topic: str) -> list[Message]:
+        return [m for m in self.messages if m.topic == topic]
+
+    async def wait(self, predicate: Callable[[list[Message]], Any], timeout: float = 10.0,
+                   what: str = "messages") -> Any:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            result = predicate(self.messages)
+            if result:
+                return result
+            if asyncio.get_running_loop().time() > deadline:
+                seen = [(m.topic, m.payload[:80]) for m in self.messages[-10:]]
+                raise AssertionError(f"timed out waiting for {what}; last seen: {seen}")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.bus.close()
+
+
+class ServiceProcess:
+    """`circles run <name>` as its own process, as systemd runs it."""
+
+    def __init__(self, name: str, env: dict[str, str], cwd: Path) -> None:
+        self.name = name
+        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "run", name], env=env,
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        code = self.process.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self._log.close()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
