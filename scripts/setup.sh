@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what Circles needs on a Debian machine, safe to run again:
+# Debian packages (Mosquitto, Python venv), a virtual environment in .venv, the project.
+# Usage: scripts/setup.sh [dev]   ("dev" adds the test tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(mosquitto mosquitto-clients python3-venv)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    # The appliance starts its own broker; the distribution's default instance is not used.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
+        $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+extra=""
+[ "${1:-}" = "dev" ] && extra="[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
