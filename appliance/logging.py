@@ -129,13 +129,13 @@ def setup(service: str, *, level: str = "INFO", environment: str = "production",
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler: logging.Handler
+    chosen: logging.Handler
     if os.environ.get("JOURNAL_STREAM") and journal_socket and journal_socket.exists():
-        handler = JournalHandler(journal_socket)
+        chosen = JournalHandler(journal_socket)
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-    root.addHandler(handler)
+        chosen = logging.StreamHandler(sys.stderr)
+        chosen.setFormatter(JsonFormatter())
+    root.addHandler(chosen)
     root.setLevel(_LEVELS[level])
     # paho logs at DEBUG per packet; keep it quiet unless asked for.
     logging.getLogger("paho").setLevel(max(_LEVELS[level], logging.INFO))

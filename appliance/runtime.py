@@ -273,28 +273,25 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
     notify(f"READY=1\nSTATUS={service.status_text()}")
     log.info("service ready", extra={"subscriptions": [str(f) for f, _ in runner.filters()]})
 
-    tasks = {asyncio.create_task(runner.receive_loop(), name="receive"),
-             asyncio.create_task(service.run(), name="run")}
+    receive = asyncio.create_task(runner.receive_loop(), name="receive")
+    tasks: set[asyncio.Task[Any]] = {receive, asyncio.create_task(service.run(), name="run")}
     if runner.watchdog_s:
         tasks.add(asyncio.create_task(runner.watchdog(), name="watchdog"))
     stop_wait = asyncio.create_task(runner.stopping.wait())
     failure: BaseException | None = None
-    pending = set(tasks)
+    pending: set[asyncio.Task[Any]] = set(tasks)
     while not runner.stopping.is_set():
         done, pending = await asyncio.wait(pending | {stop_wait},
                                            return_when=asyncio.FIRST_COMPLETED)
         for task in done - {stop_wait}:
-            if task.exception() is not None:
-                failure = task.exception()
-                runner.stopping.set()
-            elif task.get_name() == "receive":
+            failure = failure or task.exception()
+            if failure is not None or task is receive:
                 runner.stopping.set()
         pending.discard(stop_wait)
 
     notify("STOPPING=1\nSTATUS=stopping")
     log.info("stopping")
-    receive = next((t for t in tasks if t.get_name() == "receive"), None)
-    if receive is not None and not receive.done():
+    if not receive.done():
         # Finish the batch in hand; what was not handled is not acknowledged.
         await asyncio.wait({receive}, timeout=STOP_TIMEOUT_S / 2)
     for task in tasks:

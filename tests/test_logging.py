@@ -57,7 +57,8 @@ def test_json_lines_follow_the_schema(capsys: pytest.CaptureFixture[str], monkey
     assert second["request_id"] is None
 
 
-def test_redacted_values_never_reach_a_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redacted_values_never_reach_a_line(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     clog.setup("demo")
     clog.redact("hunter2-secret")

@@ -141,7 +141,7 @@ class BaseBus:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 return []
-        batch = []
+        batch: list[Message] = []
         while self._inbox and len(batch) < max_messages:
             batch.append(self._inbox.popleft())
         return batch
