@@ -188,3 +188,18 @@ def drain(sock: socket.socket) -> list[str]:
             lines += sock.recv(4096).decode().splitlines()
         except BlockingIOError:
             return lines
+
+
+async def test_messages_is_one_async_iterator() -> None:
+    broker = MemoryBroker()
+    sub = await connected(broker, "sub", "circles/x/#")
+    pub = await connected(broker, "pub")
+    for i in range(3):
+        await pub.publish(f"circles/x/{i}", str(i).encode())
+    got = []
+    async for message in sub.messages():
+        got.append(message.payload)
+        sub.ack(message)
+        if len(got) == 3:
+            await sub.close()
+    assert got == [b"0", b"1", b"2"] and sub.unacked == {}

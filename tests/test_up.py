@@ -43,8 +43,23 @@ def test_circles_up_runs_the_appliance_and_stops_cleanly(tmp_path: Path) -> None
         refused = subprocess.run(shlex.split(anonymous) + ["-W", "1", "-C", "1"],
                                  capture_output=True, text=True)
         assert refused.returncode != 0
-        log_lines = (tmp_path / "state" / "logs" / "health.jsonl").read_text().splitlines()
-        assert any(json.loads(line)["message"] == "service ready" for line in log_lines)
+        log_path = tmp_path / "state" / "logs" / "health.jsonl"
+        ready = [line for line in log_path.read_text().splitlines()
+                 if json.loads(line)["message"] == "service ready"]
+        assert len(ready) == 1
+
+        # A crashed service is restarted.
+        (health,) = [p for p in children if "run" in p.cmdline() and "health" in p.cmdline()]
+        health.kill()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            ready = [line for line in log_path.read_text().splitlines()
+                     if json.loads(line)["message"] == "service ready"]
+            if len(ready) == 2:
+                break
+            time.sleep(0.2)
+        assert len(ready) == 2, "health was not restarted"
+        children = psutil.Process(up.pid).children(recursive=True)
     finally:
         os.kill(up.pid, signal.SIGINT)
         up.wait(20)
