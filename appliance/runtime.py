@@ -33,7 +33,7 @@ from appliance.logging import request_id
 from appliance.secrets import read_secret
 
 log = logging.getLogger("circles.runtime")
-STOP_TIMEOUT_S = 4.0
+STOP_TIMEOUT_S = 2.5
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -175,8 +175,15 @@ class Runner:
 
     async def _reject(self, message: Message, reason: str) -> None:
         await self.bus.dead_letter(message, reason)
-        if message.response_topic:
-            await self.bus.reply(message, CommandReply(ok=False, error=reason))
+        await self._reply(message, CommandReply(ok=False, error=reason))
+
+    async def _reply(self, message: Message, reply: CommandReply) -> None:
+        """Answer a request; a reply that cannot be sent (a wildcard response topic, a result
+        that is not JSON) dead-letters the request instead of stopping the loop."""
+        try:
+            await self.bus.reply(message, reply)
+        except (ValueError, TypeError) as exc:
+            await self.bus.dead_letter(message, f"cannot reply: {exc}")
 
     async def _call(self, handler: Callable[..., Awaitable[Any]], received: Received,
                     batch: bool = False) -> None:
@@ -226,7 +233,7 @@ class Runner:
             reply = CommandReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         finally:
             request_id.reset(token)
-        await self.bus.reply(message, reply)
+        await self._reply(message, reply)
 
     async def watchdog(self) -> None:
         """WATCHDOG=1 only while the receive loop really turns (not a blind timer)."""
@@ -266,7 +273,15 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runner.stopping.set)
     notify("STATUS=connecting to the broker")
-    await bus.connect()
+    connecting = asyncio.create_task(bus.connect())
+    stop_wait = asyncio.create_task(runner.stopping.wait())
+    await asyncio.wait({connecting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():  # asked to stop before the broker answered
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await bus.close()
+        return
+    connecting.result()
     await service.start()
     await bus.subscribe(runner.filters())
     await bus.announce_online()
@@ -277,7 +292,6 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
     tasks: set[asyncio.Task[Any]] = {receive, asyncio.create_task(service.run(), name="run")}
     if runner.watchdog_s:
         tasks.add(asyncio.create_task(runner.watchdog(), name="watchdog"))
-    stop_wait = asyncio.create_task(runner.stopping.wait())
     failure: BaseException | None = None
     pending: set[asyncio.Task[Any]] = set(tasks)
     while not runner.stopping.is_set():
@@ -291,14 +305,21 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
 
     notify("STOPPING=1\nSTATUS=stopping")
     log.info("stopping")
-    if not receive.done():
-        # Finish the batch in hand; what was not handled is not acknowledged.
-        await asyncio.wait({receive}, timeout=STOP_TIMEOUT_S / 2)
+    # Within STOP_TIMEOUT_S: finish the batch in hand (what was not handled is not
+    # acknowledged), stop the service; then bus.close() takes at most 2 s more.
+    deadline = loop.time() + STOP_TIMEOUT_S
+
+    def left() -> float:
+        return max(0.0, deadline - loop.time())
+
+    await asyncio.wait({receive}, timeout=left() * 0.6)
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.wait(tasks, timeout=left() / 2)
     try:
-        await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S / 4)
+        await asyncio.wait_for(service.stop(), left())
+    except TimeoutError:
+        log.warning("service did not stop in time")
     finally:
         await bus.close()
     if failure is not None:

@@ -120,13 +120,17 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
     port = free_port()
     mosq = Broker(state, port)
     mosq.start()
-    admin = await BrokerAdmin.connect("127.0.0.1", port, state)
     try:
-        await admin.sync(names, state)
-        observer_password = ensure_secret(client_secret(OBSERVER), state)
-        await admin.ensure_client("observer", OBSERVER, observer_password)
-    finally:
-        await admin.close()
+        admin = await BrokerAdmin.connect("127.0.0.1", port, state)
+        try:
+            await admin.sync(names, state)
+            observer_password = ensure_secret(client_secret(OBSERVER), state)
+            await admin.ensure_client("observer", OBSERVER, observer_password)
+        finally:
+            await admin.close()
+    except BaseException:
+        mosq.stop()
+        raise
 
     env = {**os.environ, "CIRCLES_STATE_DIR": str(state), "CIRCLES_BUS__HOST": "127.0.0.1",
            "CIRCLES_BUS__PORT": str(port), "CIRCLES_ENVIRONMENT": "development"}

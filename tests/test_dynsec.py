@@ -122,3 +122,18 @@ async def test_roles_in_the_broker_match_the_registry(broker: TestBroker) -> Non
         assert await admin.ensure_role({"rolename": "service-health", "acls": acls}) is False
     finally:
         await admin.close()
+
+
+async def test_sync_again_does_not_disconnect_running_services(broker: TestBroker) -> None:
+    health = broker.bus("health", name="health")
+    await health.connect()
+    admin = await broker.admin()
+    try:
+        assert await admin.sync(["health"], broker.state) == []
+        await asyncio.sleep(0.3)
+        assert health.connected
+        assert await admin.password_works("health", broker.password("health"))
+        assert not await admin.password_works("health", "wrong-password")
+    finally:
+        await admin.close()
+        await health.close()

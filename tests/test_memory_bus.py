@@ -203,3 +203,32 @@ async def test_messages_is_one_async_iterator() -> None:
         if len(got) == 3:
             await sub.close()
     assert got == [b"0", b"1", b"2"] and sub.unacked == {}
+
+
+async def test_unsendable_reply_is_dead_lettered_not_fatal() -> None:
+    service, runner, bus, tester = await make_runner()
+    await tester.publish("circles/recorder/cmd/ping", b"{}", response_topic="circles/reply/+/x")
+    await runner.handle(await bus.receive(10, timeout=1))
+    (letter,) = await tester.receive(10, timeout=1)
+    assert "cannot reply" in DeadLetter.model_validate_json(letter.payload).reason
+    assert bus.unacked == {}
+
+
+async def test_a_request_survives_seeing_its_own_command() -> None:
+    """A client that also receives the command topics it sends on still gets its reply."""
+    broker = MemoryBroker()
+    server = await connected(broker, "srv", "circles/srv/cmd/+")
+    nosy = await connected(broker, "nosy", "circles/+/cmd/+")
+
+    async def serve() -> None:
+        from appliance.bus.payloads import CommandReply
+
+        (message,) = await server.receive(1, timeout=1)
+        await server.reply(message, CommandReply(ok=True, result="pong"))
+
+    task = asyncio.create_task(serve())
+    reply = await nosy.request("srv", "ping", timeout=1)
+    await task
+    assert reply.result == "pong"
+    (own,) = await nosy.receive(10, timeout=0.1)
+    assert own.topic == "circles/srv/cmd/ping"

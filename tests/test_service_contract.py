@@ -162,6 +162,19 @@ async def test_reconnects_after_broker_restart_without_losing_qos1(
         await watch.close()
 
 
+def test_sigterm_while_the_broker_is_unreachable_exits_0(
+        broker: TestBroker, service_name: str, tmp_path: Path) -> None:
+    from appliance.supervisor import free_port
+
+    proc = ServiceProcess(service_name, broker.env(CIRCLES_BUS__PORT=str(free_port(40000))),
+                          tmp_path)
+    time.sleep(1.5)
+    began = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 0, proc.log
+    assert time.monotonic() - began < 5
+
+
 @pytest.mark.parametrize("key,value", [("CIRCLES_BUS__PORT", "not-a-port"),
                                        ("CIRCLES_LOG__LEVEL", "LOUD")])
 def test_bad_config_exits_78_naming_the_key(

@@ -10,6 +10,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from appliance.bus.broker import ADMIN_SECRET, ADMIN_USER
 from appliance.bus.mqtt import BrokerAddress, MqttBus
 from appliance.bus.roles import KINDS, role, role_name
 from appliance.bus.topics import Filter
-from appliance.errors import ConfigError, OperationalError
+from appliance.errors import AuthError, ConfigError, OperationalError
 from appliance.secrets import ensure_secret, read_secret
 
 CONTROL = "$CONTROL/dynamic-security/v1"
@@ -41,7 +42,11 @@ class BrokerAdmin:
                       client_id=f"{ADMIN_USER}-{uuid.uuid4().hex[:8]}", status=False,
                       persistent=False)
         await bus.connect(timeout=10)
-        await bus.subscribe([(RESPONSE, 1)])
+        try:
+            await bus.subscribe([(RESPONSE, 1)])
+        except BaseException:
+            await bus.close()
+            raise
         return cls(bus)
 
     async def close(self) -> None:
@@ -110,7 +115,7 @@ class BrokerAdmin:
 
     async def ensure_client(self, kind: str, name: str, password: str) -> bool:
         """A client of `kind` with its role; True when it was created. An existing client keeps
-        its password unless it differs from `password`, which is then set."""
+        its password unless the broker refuses `password`, which is then set."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; one of {sorted(KINDS)}")
         rolename = role_name(kind, name)
@@ -121,13 +126,29 @@ class BrokerAdmin:
                                 "textname": f"{kind} {name}",
                                 "roles": [{"rolename": rolename, "priority": 0}]})
             return True
-        changes: list[dict[str, Any]] = [
-            {"command": "setClientPassword", "username": name, "password": password}]
+        # Setting a password disconnects the client, so only when the stored one fails.
+        changes: list[dict[str, Any]] = []
+        if not await self.password_works(name, password):
+            changes.append({"command": "setClientPassword", "username": name, "password": password})
         if rolename not in {r["rolename"] for r in found.get("roles", [])}:
             changes.append({"command": "addClientRole", "username": name, "rolename": rolename,
                             "priority": 0})
-        await self.execute(*changes)
+        if changes:
+            await self.execute(*changes)
         return False
+
+    async def password_works(self, username: str, password: str) -> bool:
+        """Whether the broker accepts these credentials (a throwaway connection)."""
+        probe = MqttBus(username, replace(self.bus.address, username=username, password=password),
+                        client_id=f"{username}-check-{uuid.uuid4().hex[:8]}", status=False,
+                        persistent=False)
+        try:
+            await probe.connect(timeout=5)
+            return True
+        except AuthError:
+            return False
+        finally:
+            await probe.close()
 
     async def delete_client(self, name: str, kind: str | None = None) -> None:
         """Delete a client (it is disconnected at once) and its own role."""

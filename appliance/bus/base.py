@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from appliance.bus import registry
 from appliance.bus.message import Message
 from appliance.bus.payloads import CommandReply, DeadLetter
-from appliance.bus.topics import Filter, TopicSpec
-from appliance.errors import TemporaryError
+from appliance.bus.topics import Filter, Topic, TopicSpec
+from appliance.errors import CirclesError, TemporaryError
 from appliance.logging import request_id as current_request_id
 
 log = logging.getLogger("circles.bus")
@@ -100,8 +100,10 @@ class BaseBus:
 
     def _deliver(self, message: Message) -> None:
         """Called by the transport for every received message, on the event loop."""
-        waiter = self._replies.pop(message.correlation, None) if message.correlation else None
-        if waiter is not None and self.reply_filter.matches(message.topic):
+        waiter = None
+        if message.correlation and self.reply_filter.matches(message.topic):
+            waiter = self._replies.pop(message.correlation, None)
+        if waiter is not None:
             if not waiter.done():
                 waiter.set_result(message)
             self._ack(message)
@@ -178,9 +180,12 @@ class BaseBus:
         return registry.REPLY.decode(answer.payload)
 
     async def reply(self, request: Message, reply: CommandReply) -> None:
+        """Answer a request on its response topic; ValueError if that topic is not a valid
+        topic name (a wildcard, say) or the reply cannot be serialised."""
         if not request.response_topic:
             return
-        await self.publish(request.response_topic, reply.model_dump_json().encode(), qos=1,
+        topic = str(Topic(request.response_topic))
+        await self.publish(topic, reply.model_dump_json().encode(), qos=1,
                            correlation=request.correlation)
 
     async def dead_letter(self, message: Message, reason: str) -> None:
@@ -209,7 +214,7 @@ class BaseBus:
         if self._online and self.connected:
             try:
                 await asyncio.wait_for(self.send(
-                    registry.SERVICE_STATUS, OFFLINE, service=self.name, wait=True), 2.0)
-            except (TimeoutError, TemporaryError):
+                    registry.SERVICE_STATUS, OFFLINE, service=self.name, wait=True), 1.5)
+            except (TimeoutError, CirclesError):
                 log.warning("could not publish offline status")
         await self._disconnect()

@@ -70,6 +70,8 @@ class _PublishProperties(Properties):
     message to build and pack, more than the rest of a publish."""
 
     _packed: bytes
+    _template = Properties(PacketTypes.PUBLISH)  # paho's tables, for its __str__ and logging
+    types, names, properties = _template.types, _template.names, _template.properties
 
     def __init__(self, message: Message) -> None:
         body = bytearray()
@@ -110,6 +112,7 @@ class MqttBus(BaseBus):
         self._writing = False
         self._backoff = 0.1
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reconnecting: asyncio.Task[None] | None = None
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -165,6 +168,7 @@ class MqttBus(BaseBus):
                 raise
             except (OSError, TemporaryError, TimeoutError) as exc:
                 if self._loop.time() + self._backoff >= deadline:
+                    await self.close()
                     raise TemporaryError(
                         f"broker {self.address.host}:{self.address.port} unreachable: {exc}"
                     ) from None
@@ -201,8 +205,10 @@ class MqttBus(BaseBus):
                 await self._subscribe([(Filter(f), q) for f, q in self._filters.items()])
             if self._online:
                 await self.announce_online()
-        except Exception:  # noqa: BLE001 - the next reconnect tries again
-            log.exception("resuming after reconnect failed")
+        except Exception:  # noqa: BLE001 - drop the connection: the reconnect resumes again
+            log.exception("resuming after reconnect failed; reconnecting")
+            if self._client is not None and self._is_connected:
+                self._client.disconnect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
@@ -211,8 +217,10 @@ class MqttBus(BaseBus):
             return
         if was_connected:
             log.warning("disconnected from the broker", extra={"reason": str(reason)})
-        if self._generation:  # before the first CONNACK, connect() does its own retrying
-            self._spawn(self._reconnect())
+        # Before the first CONNACK connect() does its own retrying; paho may report one lost
+        # connection twice (keepalive and ping timeouts), so only one reconnect task runs.
+        if self._generation and (self._reconnecting is None or self._reconnecting.done()):
+            self._reconnecting = self._spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
         assert self._client is not None
@@ -225,10 +233,11 @@ class MqttBus(BaseBus):
             except OSError as exc:
                 log.debug("reconnect failed", extra={"error": str(exc)})
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- the socket on the event loop -------------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -310,6 +319,8 @@ class MqttBus(BaseBus):
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
         future = self._unacked.pop(mid, None)
+        if future is None and reason.is_failure:
+            log.warning("broker refused a publish", extra={"mid": mid, "reason": str(reason)})
         if future is not None and not future.done():
             if reason.is_failure:
                 future.set_exception(AuthError(f"broker refused the publish: {reason}"))
@@ -327,7 +338,12 @@ class MqttBus(BaseBus):
             raise TemporaryError(f"subscribe failed: {mqtt.error_string(rc)}")
         future = asyncio.get_running_loop().create_future()
         self._subacks[mid] = (future, [f for f, _ in wanted])
-        await asyncio.wait_for(future, 10.0)
+        try:
+            await asyncio.wait_for(future, 10.0)
+        except TimeoutError:
+            raise TemporaryError(f"no SUBACK for {[f for f, _ in wanted]} within 10 s") from None
+        finally:
+            self._subacks.pop(mid, None)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Any) -> None:
@@ -346,7 +362,7 @@ class MqttBus(BaseBus):
         sock = self._client.socket()
         self._client.disconnect()
         # The DISCONNECT goes out on the loop; paho closes the socket once it is written.
-        for _ in range(50):
+        for _ in range(25):
             if self._client.socket() is not sock or sock is None:
                 break
             await asyncio.sleep(0.02)
