@@ -85,7 +85,6 @@ class Child:
     def __init__(self, name: str, env: dict[str, str], logs: Path) -> None:
         self.name, self.env, self.log_path = name, env, logs / f"{name}.jsonl"
         self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
@@ -175,7 +174,6 @@ async def supervise(child: Child, stop: asyncio.Event) -> None:
         if code == ConfigError.exit_code:
             print(f"{child.name}: configuration error (exit 78); not restarting", flush=True)
             return
-        child.restarts += 1
         print(f"{child.name}: exited with {code}; restarting in {delay:.0f} s", flush=True)
         try:
             await asyncio.wait_for(stop.wait(), delay)

@@ -135,7 +135,6 @@ class MqttBus(BaseBus):
         # The in-flight window is kept here (`_send`): paho's own costs O(window) per PUBACK.
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(1, int(a.reconnect_max_s))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
