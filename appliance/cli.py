@@ -7,8 +7,12 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.errors import CirclesError, ConfigError
+
+if TYPE_CHECKING:
+    from appliance.ledger import Ledger
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -76,6 +80,42 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace) -> Ledger:
+    from appliance import config
+    from appliance.ledger import open_ledger
+
+    return open_ledger(config.load(config.CoreSettings))
+
+
+def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    chains = [args.chain] if args.chain else ledger.chains()
+    failed = 0
+    for chain in chains:
+        verdict = ledger.verify(chain)
+        if verdict.ok:
+            print(f"{chain}: ok, {verdict.records} records, signed through {verdict.signed_through}")
+        else:
+            failed += 1
+            print(f"{chain}: FAILED at seq {verdict.first_bad_seq}: {verdict.reason}")
+    return 1 if failed else 0
+
+
+def _cmd_ledger_export(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    with open(args.out, "w", encoding="utf-8") as out:
+        count = ledger.export(args.chain, out)
+    print(f"wrote {count} records of {args.chain} to {args.out}")
+    return 0
+
+
+def _cmd_ledger_verify_bundle(args: argparse.Namespace) -> int:
+    from appliance import ledger_verify
+
+    return ledger_verify.main([args.bundle] + (["--public-key", args.public_key]
+                                               if args.public_key else []))
+
+
 def _cmd_services(args: argparse.Namespace) -> int:
     from appliance import services
 
@@ -122,6 +162,20 @@ def parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a circles.toml and print every error")
     check.add_argument("file", nargs="?", type=Path)
     check.set_defaults(func=_cmd_config_check)
+
+    led = sub.add_parser("ledger", help="the hash-chained ledger")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    verify = lsub.add_parser("verify", help="check every chain (or one) in the database")
+    verify.add_argument("--chain")
+    verify.set_defaults(func=_cmd_ledger_verify)
+    export = lsub.add_parser("export", help="write a chain's bundle for a third party")
+    export.add_argument("--chain", required=True)
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_cmd_ledger_export)
+    vbundle = lsub.add_parser("verify-bundle", help="check an exported bundle")
+    vbundle.add_argument("bundle")
+    vbundle.add_argument("--public-key", help="the owner's public key file (base64)")
+    vbundle.set_defaults(func=_cmd_ledger_verify_bundle)
 
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)

@@ -60,6 +60,11 @@ class LogSettings(Section):
     journal_socket: Path = Path("/run/systemd/journal/socket")
 
 
+class DatabaseSettings(Section):
+    # Default: SQLite (WAL) at <state_dir>/circles.db; or e.g. postgresql+psycopg://…
+    url: str | None = None
+
+
 class CoreSettings(BaseSettings):
     """What every process needs; a service's own section is added by `settings_class`."""
 
@@ -71,6 +76,7 @@ class CoreSettings(BaseSettings):
     state_dir: Path = Path("/var/lib/circles")
     bus: BusSettings = BusSettings()
     log: LogSettings = LogSettings()
+    database: DatabaseSettings = DatabaseSettings()
 
     @classmethod
     def settings_customise_sources(

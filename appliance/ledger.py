@@ -1,0 +1,263 @@
+"""The append-only, hash-chained ledger with signed checkpoints (trade journal, audit log).
+
+Each chain is a sequence of records `seq = 1, 2, …`; every record holds the hash of the
+one before it (`appliance.ledger_verify` defines the hash, the canonical JSON and the
+bundle, and checks them). Every `checkpoint_every` records or `checkpoint_interval_s`
+seconds the head is signed with the box's Ed25519 key. An append is one database
+transaction that locks the chain's head, so several processes may append to one chain.
+Entries may carry an idempotency key: one already in the chain is reported as a
+duplicate, never stored twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from appliance.config import CoreSettings
+from appliance.db import default_url, make_engine, migrate
+from appliance.ledger_verify import (
+    FORMAT,
+    GENESIS,
+    VERSION,
+    Verdict,
+    canonical,
+    checkpoint_message,
+    record_hash,
+    verify_records,
+)
+
+# The tables as migration 0001 creates them (appliance/migrations/versions).
+metadata = MetaData()
+heads = Table("ledger_heads", metadata, Column("chain", String(200), primary_key=True),
+              Column("seq", BigInteger), Column("hash", String(64)))
+records = Table("ledger_records", metadata, Column("chain", String(200), primary_key=True),
+                Column("seq", BigInteger, primary_key=True), Column("ts", String(40)),
+                Column("dedupe_key", String(400)), Column("data", Text),
+                Column("prev_hash", String(64)), Column("hash", String(64)))
+checkpoints = Table("ledger_checkpoints", metadata,
+                    Column("chain", String(200), primary_key=True),
+                    Column("seq", BigInteger, primary_key=True), Column("hash", String(64)),
+                    Column("ts", String(40)), Column("signature", String(120)))
+_KEY_CHUNK = 400  # SQLite's bound-parameter limit is generous, but not unlimited
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Signer:
+    """The box's Ed25519 key; created on first use in the state directory (0600)."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                        serialization.PublicFormat.Raw)
+
+    def __repr__(self) -> str:
+        return f"Signer(public_key={base64.b64encode(self.public_key).decode()})"
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> Signer:
+        path = state_dir / "keys" / "ledger-ed25519.pem"
+        if path.exists() and path.stat().st_size:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            assert isinstance(key, Ed25519PrivateKey)
+            return cls(key)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            time.sleep(0.1)
+            return cls.load_or_create(state_dir)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        signer = cls(key)
+        path.with_suffix(".pub").write_text(base64.b64encode(signer.public_key).decode() + "\n")
+        return signer
+
+    def sign(self, message: bytes) -> str:
+        return base64.b64encode(self._key.sign(message)).decode()
+
+
+@dataclass(frozen=True)
+class Entry:
+    data: dict[str, Any]
+    key: str | None = None  # idempotency key, unique within the chain
+    ts: str | None = None  # default: now (UTC)
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int
+    hash: str
+    duplicate: bool = False
+
+
+class Ledger:
+    def __init__(self, engine: Engine, signer: Signer, *, checkpoint_every: int = 1000,
+                 checkpoint_interval_s: float = 60.0) -> None:
+        self.engine = engine
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+
+    # -- writing ----------------------------------------------------------------------------
+    def append(self, chain: str, entries: Sequence[Entry]) -> list[Appended]:
+        """Append in one transaction; the result is per entry, in order."""
+        with self.engine.begin() as conn:
+            seq, prev = self._lock_head(conn, chain)
+            known = self._known_keys(conn, chain, [e.key for e in entries if e.key])
+            rows, result = [], []
+            for entry in entries:
+                if entry.key and entry.key in known:
+                    result.append(known[entry.key])
+                    continue
+                seq += 1
+                ts = entry.ts or now_iso()
+                data = json.loads(canonical(entry.data))
+                link, prev = prev, record_hash(prev, chain, seq, ts, data)
+                rows.append({"chain": chain, "seq": seq, "ts": ts, "dedupe_key": entry.key,
+                             "data": canonical(data).decode(), "prev_hash": link, "hash": prev})
+                appended = Appended(seq, prev)
+                if entry.key:
+                    known[entry.key] = Appended(seq, prev, duplicate=True)
+                result.append(appended)
+            if rows:
+                conn.execute(records.insert(), rows)
+                conn.execute(heads.update().where(heads.c.chain == chain)
+                             .values(seq=seq, hash=prev))
+                self._maybe_checkpoint(conn, chain, seq, prev)
+        return result
+
+    def checkpoint(self, chain: str) -> dict[str, Any] | None:
+        """Sign the head now (if it is not signed yet)."""
+        with self.engine.begin() as conn:
+            seq, hash_ = self._lock_head(conn, chain)
+            if seq == 0 or self._last_checkpoint(conn, chain)[0] == seq:
+                return None
+            return self._sign(conn, chain, seq, hash_)
+
+    def _lock_head(self, conn: Connection, chain: str) -> tuple[int, str]:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        conn.execute(dialect.insert(heads).values(chain=chain, seq=0, hash=GENESIS)
+                     .on_conflict_do_nothing())
+        row = conn.execute(select(heads.c.seq, heads.c.hash).where(heads.c.chain == chain)
+                           .with_for_update()).one()
+        return int(row.seq), str(row.hash)
+
+    def _known_keys(self, conn: Connection, chain: str, keys: list[str]) -> dict[str, Appended]:
+        found: dict[str, Appended] = {}
+        for i in range(0, len(keys), _KEY_CHUNK):
+            chunk = keys[i:i + _KEY_CHUNK]
+            for row in conn.execute(select(records.c.dedupe_key, records.c.seq, records.c.hash)
+                                    .where(records.c.chain == chain,
+                                           records.c.dedupe_key.in_(chunk))):
+                found[row.dedupe_key] = Appended(int(row.seq), row.hash, duplicate=True)
+        return found
+
+    def _last_checkpoint(self, conn: Connection, chain: str) -> tuple[int, str | None]:
+        row = conn.execute(select(checkpoints.c.seq, checkpoints.c.ts)
+                           .where(checkpoints.c.chain == chain)
+                           .order_by(checkpoints.c.seq.desc()).limit(1)).first()
+        return (int(row.seq), row.ts) if row else (0, None)
+
+    def _maybe_checkpoint(self, conn: Connection, chain: str, seq: int, hash_: str) -> None:
+        last_seq, last_ts = self._last_checkpoint(conn, chain)
+        due = seq - last_seq >= self.checkpoint_every
+        if not due and last_ts is not None:
+            signed_at = datetime.strptime(last_ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            due = time.time() - signed_at.timestamp() >= self.checkpoint_interval_s
+        if due or last_ts is None:
+            self._sign(conn, chain, seq, hash_)
+
+    def _sign(self, conn: Connection, chain: str, seq: int, hash_: str) -> dict[str, Any]:
+        ts = now_iso()
+        row = {"chain": chain, "seq": seq, "hash": hash_, "ts": ts,
+               "signature": self.signer.sign(checkpoint_message(chain, seq, hash_, ts))}
+        conn.execute(checkpoints.insert(), row)
+        return row
+
+    # -- reading ----------------------------------------------------------------------------
+    def chains(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r.chain for r in conn.execute(select(heads.c.chain).order_by(heads.c.chain))]
+
+    def head(self, chain: str) -> tuple[int, str]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(heads.c.seq, heads.c.hash)
+                               .where(heads.c.chain == chain)).first()
+        return (int(row.seq), str(row.hash)) if row else (0, GENESIS)
+
+    def count(self, chain: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(records)
+                                    .where(records.c.chain == chain)).scalar_one())
+
+    def records(self, chain: str, since: int = 0) -> Iterator[dict[str, Any]]:
+        """Records after `since`, in order, as stored (data parsed back from its JSON)."""
+        with self.engine.connect() as conn:
+            query = (select(records.c.seq, records.c.ts, records.c.data, records.c.prev_hash,
+                            records.c.hash)
+                     .where(records.c.chain == chain, records.c.seq > since)
+                     .order_by(records.c.seq).execution_options(yield_per=2000))
+            for row in conn.execute(query):
+                try:
+                    data = json.loads(row.data)
+                except ValueError:
+                    data = row.data  # damaged: it will not hash to the stored value
+                yield {"seq": int(row.seq), "ts": row.ts, "data": data,
+                       "prev_hash": row.prev_hash, "hash": row.hash}
+
+    def checkpoints(self, chain: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(checkpoints).where(checkpoints.c.chain == chain)
+                                .order_by(checkpoints.c.seq))
+            return [{"seq": int(r.seq), "hash": r.hash, "ts": r.ts, "signature": r.signature}
+                    for r in rows]
+
+    def verify(self, chain: str) -> Verdict:
+        """Check the whole chain; `first_bad_seq` names the first record that is wrong."""
+        return verify_records(chain, self.records(chain), self.checkpoints(chain),
+                              self.signer.public_key)
+
+    def export(self, chain: str, out: IO[str]) -> int:
+        """Write the bundle (docs/ledger.md): header, then each record followed by the
+        checkpoints at its seq. The head is signed first. Returns the number of records."""
+        self.checkpoint(chain)
+        signed: dict[int, list[dict[str, Any]]] = {}
+        for cp in self.checkpoints(chain):
+            signed.setdefault(cp["seq"], []).append(cp)
+        out.write(json.dumps({"type": "header", "format": FORMAT, "version": VERSION,
+                              "chain": chain, "algorithm": "ed25519",
+                              "public_key": base64.b64encode(self.signer.public_key).decode()})
+                  + "\n")
+        count = 0
+        for rec in self.records(chain):
+            out.write(canonical({"type": "record", "chain": chain, **rec}).decode() + "\n")
+            for cp in signed.get(rec["seq"], []):
+                out.write(canonical({"type": "checkpoint", "chain": chain, **cp}).decode() + "\n")
+            count += 1
+        return count
+
+
+def open_ledger(settings: CoreSettings, **options: Any) -> Ledger:
+    """The ledger of this box: its database (migrated) and its signing key."""
+    engine = make_engine(settings.database.url or default_url(settings.state_dir))
+    migrate(engine)
+    return Ledger(engine, Signer.load_or_create(settings.state_dir), **options)
