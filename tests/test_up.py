@@ -30,7 +30,7 @@ def test_circles_up_runs_the_appliance_and_stops_cleanly(tmp_path: Path) -> None
         lines.append(line)
         if line.strip().startswith("mosquitto_sub"):
             sub_line = line.strip()
-    children = psutil.Process(up.pid).children(recursive=True)
+    children: list[psutil.Process] = []
     try:
         # The printed line works as printed: status online, and the state updating.
         watch = subprocess.run(shlex.split(sub_line) + ["-W", "4"], capture_output=True, text=True)
@@ -49,7 +49,8 @@ def test_circles_up_runs_the_appliance_and_stops_cleanly(tmp_path: Path) -> None
         assert len(ready) == 1
 
         # A crashed service is restarted.
-        (health,) = [p for p in children if "run" in p.cmdline() and "health" in p.cmdline()]
+        (health,) = [p for p in psutil.Process(up.pid).children(recursive=True)
+                     if p.cmdline()[-2:] == ["run", "health"]]
         health.kill()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -59,8 +60,8 @@ def test_circles_up_runs_the_appliance_and_stops_cleanly(tmp_path: Path) -> None
                 break
             time.sleep(0.2)
         assert len(ready) == 2, "health was not restarted"
-        children = psutil.Process(up.pid).children(recursive=True)
     finally:
+        children = psutil.Process(up.pid).children(recursive=True)
         os.kill(up.pid, signal.SIGINT)
         up.wait(20)
     assert up.returncode == 0
