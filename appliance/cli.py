@@ -80,7 +80,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(args: argparse.Namespace) -> Ledger:
+def _open_ledger() -> Ledger:
     from appliance import config
     from appliance.ledger import open_ledger
 
@@ -88,7 +88,7 @@ def _ledger(args: argparse.Namespace) -> Ledger:
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _open_ledger()
     chains = [args.chain] if args.chain else ledger.chains()
     failed = 0
     for chain in chains:
@@ -102,7 +102,7 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_export(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _open_ledger()
     with open(args.out, "w", encoding="utf-8") as out:
         count = ledger.export(args.chain, out)
     print(f"wrote {count} records of {args.chain} to {args.out}")

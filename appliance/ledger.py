@@ -31,6 +31,7 @@ from appliance.db import default_url, make_engine, migrate
 from appliance.ledger_verify import (
     FORMAT,
     GENESIS,
+    TS_FORMAT,
     VERSION,
     Verdict,
     canonical,
@@ -55,7 +56,7 @@ _KEY_CHUNK = 400  # SQLite's bound-parameter limit is generous, but not unlimite
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(TS_FORMAT)
 
 
 class Signer:
@@ -181,7 +182,7 @@ class Ledger:
         last_seq, last_ts = self._last_checkpoint(conn, chain)
         due = seq - last_seq >= self.checkpoint_every
         if not due and last_ts is not None:
-            signed_at = datetime.strptime(last_ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            signed_at = datetime.strptime(last_ts, TS_FORMAT).replace(tzinfo=UTC)
             due = time.time() - signed_at.timestamp() >= self.checkpoint_interval_s
         if due or last_ts is None:
             self._sign(conn, chain, seq, hash_)

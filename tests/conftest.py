@@ -1,21 +1,22 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance import services
-from appliance.supervisor import free_port
+from appliance.errors import ConfigError
+from appliance.supervisor import free_port, mosquitto_binary
 from tests.helpers import TestBroker
 
 
 def _require_mosquitto() -> None:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.exit("mosquitto is not installed: the tests need a real broker "
-                    "(apt-get install mosquitto mosquitto-clients)", returncode=3)
+    try:
+        mosquitto_binary()
+    except ConfigError as exc:
+        pytest.exit(f"the tests need a real broker: {exc}", returncode=3)
 
 
 def _start(state: Path, port_from: int) -> TestBroker:
