@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from appliance.errors import CirclesError, ConfigError
+from appliance.errors import CirclesError, ConfigError, OperationalError
 
 if TYPE_CHECKING:
+    from appliance.bus.base import Bus
+    from appliance.bus.trade_event import TradeEvent
+    from appliance.config import CoreSettings
     from appliance.ledger import Ledger
+
+T = TypeVar("T")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -80,11 +88,85 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_ledger() -> Ledger:
+def _settings() -> CoreSettings:
     from appliance import config
+
+    return config.load(config.CoreSettings)
+
+
+def _open_ledger() -> Ledger:
     from appliance.ledger import open_ledger
 
-    return open_ledger(config.load(config.CoreSettings))
+    return open_ledger(_settings())
+
+
+def _engine() -> Any:
+    from appliance import db
+
+    settings = _settings()
+    engine = db.make_engine(settings.database.url or db.default_url(settings.state_dir))
+    db.migrate(engine)
+    return engine
+
+
+def _on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
+    """Run `work` with a bus client of the command line (the broker's `cli` client)."""
+    from appliance.bus.admin import CLI_CLIENT
+    from appliance.bus.mqtt import MqttBus
+    from appliance.runtime import address_for
+
+    async def main() -> T:
+        bus = MqttBus(CLI_CLIENT, address_for(_settings(), CLI_CLIENT), status=False,
+                      persistent=False, client_id=f"{CLI_CLIENT}-{uuid.uuid4().hex[:8]}")
+        await bus.connect(timeout=10)
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(main())
+
+
+def _send_events(events: Sequence[TradeEvent], timeout: float) -> int:
+    """Send events through the trade logger, waiting for each confirmation; print a summary."""
+    from appliance.bus.trade_event import AcceptedEvent
+    from appliance.trade_sender import TradeSender
+
+    async def work(bus: Bus) -> int:
+        sender = TradeSender(bus)
+        pump = await sender.listen()
+        try:
+            outcomes = await sender.send(events, timeout=timeout)
+        finally:
+            pump.cancel()
+        accepted = [o for o in outcomes if isinstance(o, AcceptedEvent)]
+        duplicates = sum(o.duplicate for o in accepted)
+        for outcome in outcomes:
+            if not isinstance(outcome, AcceptedEvent):
+                print(f"rejected {outcome.event_id}: {outcome.reason}")
+        print(f"{len(accepted) - duplicates} stored, {duplicates} duplicates, "
+              f"{len(outcomes) - len(accepted)} rejected")
+        if len(outcomes) == 1 and accepted:
+            print(f"seq {accepted[0].seq} hash {accepted[0].hash}")
+        return 0 if len(accepted) == len(outcomes) else 1
+
+    return _on_bus(work)
+
+
+def _ask_trade_logger(command: str, args: dict[str, Any]) -> Any:
+    async def work(bus: Bus) -> Any:
+        reply = await bus.request("trade-logger", command, args, timeout=30)
+        if not reply.ok:
+            raise OperationalError(f"trade-logger: {reply.error}")
+        return reply.result
+
+    return _on_bus(work)
+
+
+def _chain(args: argparse.Namespace) -> str:
+    from appliance.bus.trade_event import chain_for
+
+    return str(args.chain) if args.chain else chain_for(args.account)
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
@@ -102,11 +184,80 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_export(args: argparse.Namespace) -> int:
-    ledger = _open_ledger()
+    ledger, chain = _open_ledger(), _chain(args)
+    if not ledger.count(chain):
+        raise OperationalError(f"chain {chain} has no records")
     with open(args.out, "w", encoding="utf-8") as out:
-        count = ledger.export(args.chain, out)
-    print(f"wrote {count} records of {args.chain} to {args.out}")
+        count = ledger.export(chain, out)
+    print(f"wrote {count} records of {chain} to {args.out}")
     return 0
+
+
+def _cmd_ledger_import(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from appliance.bus.topics import describe
+    from appliance.bus.trade_event import TradeEvent
+    from appliance.errors import ValidationFailed
+
+    events, bad = [], 0
+    with open(args.file, encoding="utf-8", errors="surrogateescape") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(TradeEvent.model_validate_json(line))
+            except (ValidationFailed, ValidationError) as exc:
+                bad += 1
+                reason = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+                print(f"line {number}: {reason}", file=sys.stderr)
+    if bad:
+        print(f"{bad} invalid lines; nothing sent (fix them and import again)", file=sys.stderr)
+        return 1
+    return _send_events(events, args.timeout)
+
+
+def _cmd_ledger_metrics(args: argparse.Namespace) -> int:
+    print(json.dumps(_ask_trade_logger("metrics", {"account": args.account}), indent=2))
+    return 0
+
+
+def _cmd_ledger_key(args: argparse.Namespace) -> int:
+    from appliance.panel import api_keys
+
+    engine = _engine()
+    if args.key_command == "create":
+        made, key = api_keys.create(engine, args.account, args.label or "")
+        print(f"API key {made.id} for account {made.account} (shown once, keep it safe):\n{key}")
+    elif args.key_command == "list":
+        for k in api_keys.listing(engine):
+            state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+            print(f"{k.id:>4}  {k.account:<20} {k.prefix}…  {k.label or '-':<16} "
+                  f"created {k.created_at}  {state}")
+    elif not api_keys.revoke(engine, args.id):
+        raise OperationalError(f"no active API key {args.id}")
+    else:
+        print(f"API key {args.id} revoked")
+    return 0
+
+
+def _cmd_simulate_trades(args: argparse.Namespace) -> int:
+    from appliance.simulate import simulated_trades
+
+    return _send_events(list(simulated_trades(args.n, args.account, seed=args.seed)), args.timeout)
+
+
+def _cmd_send_test_trade(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from appliance.bus.trade_event import TradeEvent
+
+    event = TradeEvent(event_id=f"test-{uuid.uuid4().hex}", source="manual",
+                       account_id=args.account, strategy_id="test", symbol="TEST/USD", side="buy",
+                       qty=Decimal("1"), price=Decimal("1.00"), ts=datetime.now(UTC),
+                       extra={"note": "circles send-test-trade"})
+    return _send_events([event], args.timeout)
 
 
 def _cmd_ledger_verify_bundle(args: argparse.Namespace) -> int:
@@ -169,13 +320,45 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--chain")
     verify.set_defaults(func=_cmd_ledger_verify)
     export = lsub.add_parser("export", help="write a chain's bundle for a third party")
-    export.add_argument("--chain", required=True)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--account", help="a trading account (its chain trade:<account>)")
+    which.add_argument("--chain", help="any chain, e.g. audit")
     export.add_argument("--out", required=True)
     export.set_defaults(func=_cmd_ledger_export)
+    imp = lsub.add_parser("import", help="send a file of TRADE_EVENTs (one per line) to the ledger")
+    imp.add_argument("file")
+    imp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the commit")
+    imp.set_defaults(func=_cmd_ledger_import)
+    met = lsub.add_parser("metrics", help="an account's metrics, from the trade logger")
+    met.add_argument("--account", required=True)
+    met.set_defaults(func=_cmd_ledger_metrics)
+    key = lsub.add_parser("key", help="API keys of the HTTP ingest, one account each")
+    ksub = key.add_subparsers(dest="key_command", required=True)
+    kcreate = ksub.add_parser("create", help="a new key (printed once)")
+    kcreate.add_argument("--account", required=True)
+    kcreate.add_argument("--label", help="what the key is for, e.g. the EA's host")
+    ksub.add_parser("list", help="every key, without the secret part")
+    krevoke = ksub.add_parser("revoke", help="revoke a key at once")
+    krevoke.add_argument("id", type=int)
+    key.set_defaults(func=_cmd_ledger_key)
     vbundle = lsub.add_parser("verify-bundle", help="check an exported bundle")
     vbundle.add_argument("bundle")
     vbundle.add_argument("--public-key", help="the owner's public key file (base64)")
     vbundle.set_defaults(func=_cmd_ledger_verify_bundle)
+
+    sim = sub.add_parser("simulate", help="simulated sources")
+    simsub = sim.add_subparsers(dest="simulate_command", required=True)
+    trades = simsub.add_parser("trades", help="publish simulated fills over MQTT")
+    trades.add_argument("--n", type=int, default=1000, help="events, the first a deposit")
+    trades.add_argument("--account", default="demo")
+    trades.add_argument("--seed", type=int, help="the same events every time (ids included)")
+    trades.add_argument("--timeout", type=float, default=120.0)
+    trades.set_defaults(func=_cmd_simulate_trades)
+
+    test = sub.add_parser("send-test-trade", help="one TRADE_EVENT through the trade logger")
+    test.add_argument("--account", default="demo")
+    test.add_argument("--timeout", type=float, default=15.0)
+    test.set_defaults(func=_cmd_send_test_trade)
 
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)

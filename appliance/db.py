@@ -6,6 +6,7 @@ Schema changes are Alembic migrations in `appliance/migrations/`, applied explic
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns, so what was acknowledged after
+            # a commit survives a power cut, not only a killed process.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -53,4 +56,5 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per step otherwise
         command.upgrade(config, revision)

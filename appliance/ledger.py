@@ -35,8 +35,8 @@ from appliance.ledger_verify import (
     VERSION,
     Verdict,
     canonical,
+    chained_hash,
     checkpoint_message,
-    record_hash,
     verify_records,
 )
 
@@ -131,10 +131,10 @@ class Ledger:
                     continue
                 seq += 1
                 ts = entry.ts or now_iso()
-                data = json.loads(canonical(entry.data))
-                link, prev = prev, record_hash(prev, chain, seq, ts, data)
+                data = canonical(entry.data)
+                link, prev = prev, chained_hash(prev, chain, seq, ts, data)
                 rows.append({"chain": chain, "seq": seq, "ts": ts, "dedupe_key": entry.key,
-                             "data": canonical(data).decode(), "prev_hash": link, "hash": prev})
+                             "data": data.decode(), "prev_hash": link, "hash": prev})
                 appended = Appended(seq, prev)
                 if entry.key:
                     known[entry.key] = Appended(seq, prev, duplicate=True)

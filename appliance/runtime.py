@@ -105,6 +105,10 @@ class Service:
     def status_text(self) -> str:
         return "running"
 
+    async def rejected(self, message: Message, reason: str) -> None:
+        """A message failed validation and went to the dead letters; a service may tell
+        its publisher here (the trade logger answers on the account's ack topic)."""
+
     async def cmd_ping(self, request: CommandRequest) -> dict[str, Any]:
         return {"service": self.name, "pid": os.getpid()}
 
@@ -176,6 +180,10 @@ class Runner:
     async def _reject(self, message: Message, reason: str) -> None:
         await self.bus.dead_letter(message, reason)
         await self._reply(message, CommandReply(ok=False, error=reason))
+        try:
+            await self.service.rejected(message, reason)
+        except Exception:  # noqa: BLE001 - the dead letter is what must not be lost
+            log.exception("rejected() failed", extra={"topic": message.topic})
 
     async def _reply(self, message: Message, reply: CommandReply) -> None:
         """Answer a request; a reply that cannot be sent (a wildcard response topic, a result

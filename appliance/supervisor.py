@@ -140,6 +140,7 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
     print(f"Circles is up: broker on 127.0.0.1:{port}, services: {', '.join(names)}")
     print(f"Watch the bus:\n  mosquitto_sub -h 127.0.0.1 -p {port} -u {OBSERVER} "
           f"-P '{observer_password}' -t 'circles/#' -v")
+    print(f"The command line against it:\n  export CIRCLES_STATE_DIR={state} CIRCLES_BUS__PORT={port}")
     print(f"Logs: {state / 'logs'}/<service>.jsonl   Stop: Ctrl-C", flush=True)
 
     stop = asyncio.Event()

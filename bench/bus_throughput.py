@@ -23,50 +23,15 @@ WINDOW = 1000  # in-flight QoS 1 messages, the same for both sides
 
 
 def raw_sub(port: int, password: str, n: int) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from _harness import paho_count
 
-    state = {"count": 0, "last": 0.0}
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub-raw",
-                         protocol=mqtt.MQTTv5)
-    client.username_pw_set("bench-sub", password)
-
-    def on_message(c, u, msg):  # type: ignore[no-untyped-def]
-        state["count"] += 1
-        if state["count"] == n:
-            state["last"] = time.time()
-            c.disconnect()
-
-    def on_subscribe(c, u, mid, rc, props):  # type: ignore[no-untyped-def]
-        print("READY", flush=True)
-
-    client.on_message = on_message
-    client.on_subscribe = on_subscribe
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe(TOPIC, qos=1)
-    client.connect("127.0.0.1", port)
-    client.loop_forever()
-    print(state["count"], state["last"])
+    print(*paho_count(port, "bench-sub", password, TOPIC, n))
 
 
 def raw_pub(port: int, password: str, n: int) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from _harness import paho_publish
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub-raw",
-                         protocol=mqtt.MQTTv5)
-    client.username_pw_set("bench-pub", password)
-    client.max_inflight_messages_set(WINDOW)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    started = time.time()
-    info = None
-    for _ in range(n):
-        info = client.publish(TOPIC, PAYLOAD, qos=1)
-    assert info is not None
-    info.wait_for_publish(120)
-    print(started)
-    client.disconnect()
-    client.loop_stop()
+    print(paho_publish(port, "bench-pub", password, TOPIC, (PAYLOAD for _ in range(n)), WINDOW))
 
 
 def bus_sub(port: int, password: str, n: int) -> None:

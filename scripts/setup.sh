@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what Circles needs on a Debian machine, safe to run again:
 # Debian packages (Mosquitto, Python venv), a virtual environment in .venv, the project.
-# Usage: scripts/setup.sh [dev]   ("dev" adds the test tools)
+# Usage: scripts/setup.sh [dev]   ("dev" adds the test tools, and PostgreSQL for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mosquitto mosquitto-clients python3-venv)
+# The tests start a private PostgreSQL cluster with Debian's server binaries.
+[ "${1:-}" = "dev" ] && packages+=(postgresql)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -19,6 +21,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The appliance starts its own broker; the distribution's default instance is not used.
     if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
         $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
+    # Nor is the distribution's default PostgreSQL cluster: the tests start their own.
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+            $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
+        elif [ -x /etc/init.d/postgresql ]; then
+            $sudo /etc/init.d/postgresql stop >/dev/null 2>&1 || true
+        fi
     fi
 fi
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 from appliance import services
 from appliance.errors import ConfigError
 from appliance.supervisor import free_port, mosquitto_binary
+from tests import pg
 from tests.helpers import TestBroker
 
 
@@ -41,6 +44,33 @@ def own_broker(tmp_path: Path) -> Iterator[TestBroker]:
     started = _start(tmp_path / "state", 32883)
     yield started
     started.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the session: the one CIRCLES_TEST_POSTGRES_URL names (its role
+    needs CREATEDB), else a private cluster started with Debian's binaries."""
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.fail("the PostgreSQL tests need psycopg: pip install -e '.[dev]'", pytrace=False)
+    if url := os.environ.get(pg.URL_ENV):
+        yield pg.normalize(url)
+        return
+    try:
+        cluster = pg.Cluster.start()
+    except pg.PostgresUnavailable as exc:
+        reason = str(exc)
+    else:
+        yield cluster.url
+        cluster.stop()
+        return
+    pytest.fail(f"the PostgreSQL tests need a server: {reason}", pytrace=False)
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, empty database for one test; dropped afterwards."""
+    with pg.fresh_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=services.names())

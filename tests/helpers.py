@@ -17,7 +17,7 @@ from typing import Any
 from appliance.bus import BrokerAddress, Filter, Message, MqttBus
 from appliance.bus.admin import BrokerAdmin
 from appliance.secrets import ensure_secret, read_secret
-from appliance.supervisor import Broker
+from appliance.supervisor import Broker, free_port
 
 TESTER = "tester"
 _counter = itertools.count()
@@ -94,7 +94,9 @@ class TestBroker:
                                                                 "JOURNAL_STREAM")}
         env.update(CIRCLES_STATE_DIR=str(self.state), CIRCLES_BUS__PORT=str(self.port),
                    CIRCLES_ENVIRONMENT="development", CIRCLES_CONFIG=str(config),
-                   CIRCLES_HEALTH__INTERVAL_S="0.5", CIRCLES_BUS__RECONNECT_MAX_S="1")
+                   CIRCLES_HEALTH__INTERVAL_S="0.5", CIRCLES_BUS__RECONNECT_MAX_S="1",
+                   CIRCLES_PANEL__PORT=str(free_port(38080)),
+                   CIRCLES_TRADE_LOGGER__METRICS_INTERVAL_S="0.5")
         env.update(extra)
         return env
 

@@ -1,4 +1,4 @@
-"""The ledger primitive on a real SQLite file."""
+"""The ledger primitive on a real SQLite file and on a real PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,11 +19,22 @@ from appliance.ledger import Entry, Ledger, Signer
 from appliance.ledger_verify import canonical, verify_bundle
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    engine = db.make_engine(db.default_url(tmp_path))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """A migrated ledger in a new SQLite file or a new PostgreSQL database, its key in tmp_path."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_database")
+    else:
+        url = db.default_url(tmp_path)
+    engine = db.make_engine(url)
+    assert engine.dialect.name == request.param
     db.migrate(engine)
-    return Ledger(engine, Signer.load_or_create(tmp_path), checkpoint_every=5)
+    yield Ledger(engine, Signer.load_or_create(tmp_path), checkpoint_every=5)
+    engine.dispose()
+
+
+def url_of(ledger: Ledger) -> str:
+    return ledger.engine.url.render_as_string(hide_password=False)
 
 
 def fill(ledger: Ledger, chain: str = "acct", n: int = 12) -> None:
@@ -30,9 +42,14 @@ def fill(ledger: Ledger, chain: str = "acct", n: int = 12) -> None:
 
 
 def test_migration_is_explicit_and_recorded(ledger: Ledger) -> None:
-    with ledger.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
-    db.migrate(ledger.engine)  # again: nothing to do
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(db.MIGRATIONS)).get_current_head()
+    assert head is not None
+    for _ in range(2):  # the second time: nothing to do
+        with ledger.engine.connect() as conn:
+            assert conn.execute(text("select version_num from alembic_version")).scalars().all() == [head]
+        db.migrate(ledger.engine)
 
 
 def test_append_is_idempotent_on_keys(ledger: Ledger) -> None:
@@ -140,9 +157,8 @@ APPENDER = textwrap.dedent("""
     from pathlib import Path
     from appliance import db
     from appliance.ledger import Entry, Ledger, Signer
-    state, name = Path(sys.argv[1]), sys.argv[2]
-    ledger = Ledger(db.make_engine(db.default_url(state)), Signer.load_or_create(state),
-                    checkpoint_every=50)
+    url, state, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    ledger = Ledger(db.make_engine(url), Signer.load_or_create(state), checkpoint_every=50)
     for batch in range(20):
         ledger.append("shared", [Entry({"by": name, "n": batch * 10 + i}, key=f"{name}-{batch}-{i}")
                                  for i in range(10)])
@@ -150,7 +166,7 @@ APPENDER = textwrap.dedent("""
 
 
 def test_concurrent_appenders_keep_one_valid_chain(ledger: Ledger, tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path), f"p{i}"])
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, url_of(ledger), str(tmp_path), f"p{i}"])
              for i in range(4)]
     assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
     verdict = ledger.verify("shared")
@@ -160,20 +176,19 @@ def test_concurrent_appenders_keep_one_valid_chain(ledger: Ledger, tmp_path: Pat
     assert seen == sorted((f"p{i}", n) for i in range(4) for n in range(200))
 
 
-def test_cli_verify_export_and_verify_bundle(tmp_path: Path) -> None:
+def test_cli_verify_export_and_verify_bundle(ledger: Ledger, tmp_path: Path) -> None:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCLES_")}
     (tmp_path / "empty.toml").write_text("")
-    env.update(CIRCLES_STATE_DIR=str(tmp_path), CIRCLES_CONFIG=str(tmp_path / "empty.toml"))
+    env.update(CIRCLES_STATE_DIR=str(tmp_path), CIRCLES_CONFIG=str(tmp_path / "empty.toml"),
+               CIRCLES_DATABASE__URL=url_of(ledger))
 
     def circles(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env,
                               capture_output=True, text=True)
 
-    engine = db.make_engine(db.default_url(tmp_path))
-    db.migrate(engine)
-    fill(Ledger(engine, Signer.load_or_create(tmp_path)))
+    fill(ledger)
     done = circles("ledger", "verify")
     assert done.returncode == 0 and "acct: ok, 12 records" in done.stdout, done.stderr
     bundle = tmp_path / "acct.jsonl"
@@ -182,7 +197,7 @@ def test_cli_verify_export_and_verify_bundle(tmp_path: Path) -> None:
     bundle.write_text(bundle.read_text().replace("101.25", "101.35", 1))
     done = circles("ledger", "verify-bundle", str(bundle))
     assert done.returncode == 1 and "FAILED at seq 1" in done.stdout
-    with engine.begin() as conn:
+    with ledger.engine.begin() as conn:
         conn.execute(text("update ledger_records set hash = 'x' where seq = 9"))
     done = circles("ledger", "verify", "--chain", "acct")
     assert done.returncode == 1 and "FAILED at seq 9" in done.stdout

@@ -22,6 +22,9 @@ from appliance.errors import AuthError, ConfigError, OperationalError
 from appliance.secrets import ensure_secret, read_secret
 
 CONTROL = "$CONTROL/dynamic-security/v1"
+# The client of the `circles` command line (simulate, import, test trades, metrics): a
+# service-kind client, so it may send what services send and ask what services ask.
+CLI_CLIENT = "cli"
 RESPONSE = Filter(CONTROL + "/response")
 
 
@@ -158,13 +161,14 @@ class BrokerAdmin:
             await self.delete_role(role_name(kind, name))
 
     async def sync(self, services: Iterable[str], state_dir: Path) -> list[str]:
-        """Shared roles up to date, and one client per service whose password is the secret
-        `mqtt-<service>` (created if missing). Returns the clients created."""
+        """Shared roles up to date, and one client per service (and the command line's)
+        whose password is the secret `mqtt-<name>` (created if missing). Returns the clients
+        created."""
         for kind, k in KINDS.items():
             if not k.identity:
                 await self.ensure_role(role(kind))
         created = []
-        for service in services:
+        for service in [*services, CLI_CLIENT]:
             password = ensure_secret(client_secret(service), state_dir)
             if await self.ensure_client("service", service, password):
                 created.append(service)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from appliance.bus import payloads as p
+from appliance.bus import trade_event as t
 from appliance.bus.topics import TopicSpec
 
 
@@ -30,6 +31,13 @@ HEALTH_STATE = _spec("health_state", "circles/health/state", retained=True,
                      model=p.HealthState, pub="service:health", sub="service homeassistant")
 TRADING_HALT = _spec("trading_halt", "circles/trading/halt", retained=True, model=p.TradingHalt,
                      pub="service:risk", sub="service mt5 homeassistant")
+TRADE_EVENT = _spec("trade_event", "circles/trade/{account}/event", model=t.TradeEvent,
+                    pub="service", sub="service:trade-logger")
+TRADE_ACK = _spec("trade_ack", "circles/trade/{account}/ack", model=t.TradeAck,
+                  pub="service:trade-logger", sub="service")
+TRADE_METRICS = _spec("trade_metrics", "circles/trade/{account}/metrics", retained=True,
+                      model=t.TradeMetrics,
+                      pub="service:trade-logger", sub="service homeassistant")
 HOME_STATE = _spec("home_state", "circles/home/{device}/{entity}/state", retained=True,
                    model=p.HomeState, pub="esp32:self service", sub="service homeassistant")
 HOME_SET = _spec("home_set", "circles/home/{device}/{entity}/set",

@@ -1,0 +1,182 @@
+"""TRADE_EVENT v1: one fill or cash flow, from any source (docs/trade_event.md is the spec).
+
+Numbers are `Decimal` end to end: a payload may write them as JSON numbers or strings, they
+are parsed without passing through a float, and they are stored as exact strings.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from appliance.bus.topics import slug
+from appliance.errors import ValidationFailed
+
+MAX_EVENT_BYTES = 16 * 1024
+MAX_FUTURE = timedelta(minutes=5)
+_MAX_EXPONENT = 30  # |adjusted exponent| of any number: 1e30 is far beyond any real price
+_MAX_DEPTH = 8  # nesting of `extra`
+
+Side = Literal["buy", "sell"]
+Kind = Literal["fill", "deposit", "withdrawal"]
+Source = Literal["paper", "ccxt", "mt5", "manual", "sim"]
+Text = Field(min_length=1, max_length=128)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a ledger can hold")
+
+
+def _check_number(value: Decimal, where: str) -> Decimal:
+    if not value.is_finite():
+        raise ValueError(f"{where}: {value} is not a finite number")
+    if value and abs(value.adjusted()) > _MAX_EXPONENT:
+        raise ValueError(f"{where}: {value} is out of range (|exponent| > {_MAX_EXPONENT})")
+    return value
+
+
+def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, float):
+        return _check_number(Decimal(repr(value)), where)
+    if isinstance(value, Decimal):
+        return _check_number(value, where)
+    if isinstance(value, dict):
+        return {str(k): _check_extra(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_check_extra(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+class TradeEvent(BaseModel):
+    """A fill (`kind="fill"`) or a cash flow (`deposit`, `withdrawal`) of one account."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    event_id: str = Text
+    source: Source
+    account_id: str = Text
+    strategy_id: str = Field("default", min_length=1, max_length=128)
+    symbol: str = Text
+    side: Side | None = None
+    qty: Decimal = Field(gt=0)
+    price: Decimal = Field(Decimal(1), gt=0)
+    fee: Decimal = Field(Decimal(0), ge=0)
+    fee_currency: str | None = Field(None, max_length=32)
+    ts: datetime
+    order_id: str | None = Field(None, max_length=128)
+    position_id: str | None = Field(None, max_length=128)
+    kind: Kind = "fill"
+    realized_pnl: Decimal | None = None
+    extra: dict[str, Any] = {}
+
+    @field_validator("qty", "price", "fee", "realized_pnl")
+    @classmethod
+    def _finite(cls, value: Decimal | None, info: Any) -> Decimal | None:
+        return None if value is None else _check_number(value, info.field_name)
+
+    @field_validator("ts")
+    @classmethod
+    def _utc_not_future(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("ts needs a time zone (ISO 8601, e.g. 2026-01-01T12:00:00Z)")
+        value = value.astimezone(UTC)
+        if value - datetime.now(UTC) > MAX_FUTURE:
+            raise ValueError(f"ts {value.isoformat()} is more than 5 minutes in the future")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _plain_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
+        checked: dict[str, Any] = _check_extra(value)
+        return checked
+
+    @field_validator("account_id", "symbol")
+    @classmethod
+    def _sluggable(cls, value: str, info: Any) -> str:
+        slug(value)  # a ValueError names the field: it must become a topic level
+        return value
+
+    @model_validator(mode="after")
+    def _fill_has_side(self) -> TradeEvent:
+        if self.kind == "fill" and self.side is None:
+            raise ValueError("a fill needs a side (buy or sell)")
+        return self
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, *, strict: bool | None = None,
+                            context: Any | None = None, **kwargs: Any) -> TradeEvent:
+        """Parse with every JSON number as a Decimal (never a float), then validate."""
+        if len(json_data) > MAX_EVENT_BYTES:
+            raise ValidationFailed(f"payload of {len(json_data)} bytes exceeds {MAX_EVENT_BYTES}")
+        try:
+            data = json.loads(json_data, parse_float=Decimal, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ValidationFailed("invalid JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise ValidationFailed(f"invalid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValidationFailed(f"a TRADE_EVENT is a JSON object, not {type(data).__name__}")
+        return cls.model_validate(data, strict=strict, context=context)
+
+    @property
+    def account(self) -> str:
+        """The account as a topic level (and chain name part)."""
+        return slug(self.account_id)
+
+    @property
+    def key(self) -> str:
+        """The idempotency key: one event per (source, account, event_id)."""
+        return f"{self.source}|{self.account}|{self.event_id}"
+
+    def stored(self) -> dict[str, Any]:
+        """The event as the ledger stores it (Decimals and the UTC time are written exactly
+        by the ledger's canonical JSON)."""
+        return self.model_dump()
+
+
+def chain_for(account: str) -> str:
+    """The ledger chain of one trading account."""
+    return f"trade:{slug(account)}"
+
+
+class AcceptedEvent(BaseModel):
+    event_id: str
+    source: str
+    seq: int
+    hash: str
+    duplicate: bool = False
+
+
+class RejectedEvent(BaseModel):
+    event_id: str | None = None
+    source: str | None = None
+    reason: str
+
+
+class TradeAck(BaseModel):
+    """What `circles/trade/<account>/ack` carries after a commit: which events are kept (with
+    their place in the chain) and which were refused for good (so a publisher stops re-sending)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account: str
+    accepted: list[AcceptedEvent] = []
+    rejected: list[RejectedEvent] = []
+
+
+class TradeMetrics(BaseModel):
+    """Retained on `circles/trade/<account>/metrics`: the account's metrics as of ledger `seq`
+    (docs/metrics.md defines them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account: str
+    seq: int
+    ts: str
+    metrics: dict[str, Any]

@@ -1,0 +1,1 @@
+"""The control panel: a FastAPI app served by the `panel` service."""
