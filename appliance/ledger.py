@@ -52,6 +52,7 @@ checkpoints = Table("ledger_checkpoints", metadata,
                     Column("chain", String(200), primary_key=True),
                     Column("seq", BigInteger, primary_key=True), Column("hash", String(64)),
                     Column("ts", String(40)), Column("signature", String(120)))
+_RECORD_COLUMNS = "chain, seq, ts, dedupe_key, data, prev_hash, hash"
 _KEY_CHUNK = 400  # SQLite's bound-parameter limit is generous, but not unlimited
 
 
@@ -125,22 +126,25 @@ class Ledger:
             seq, prev = self._lock_head(conn, chain)
             known = self._known_keys(conn, chain, [e.key for e in entries if e.key])
             rows, result = [], []
+            now = now_iso()
             for entry in entries:
                 if entry.key and entry.key in known:
                     result.append(known[entry.key])
                     continue
                 seq += 1
-                ts = entry.ts or now_iso()
+                ts = entry.ts or now
                 data = canonical(entry.data)
                 link, prev = prev, chained_hash(prev, chain, seq, ts, data)
-                rows.append({"chain": chain, "seq": seq, "ts": ts, "dedupe_key": entry.key,
-                             "data": data.decode(), "prev_hash": link, "hash": prev})
+                rows.append((chain, seq, ts, entry.key, data.decode(), link, prev))
                 appended = Appended(seq, prev)
                 if entry.key:
                     known[entry.key] = Appended(seq, prev, duplicate=True)
                 result.append(appended)
             if rows:
-                conn.execute(records.insert(), rows)
+                mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+                # The driver's executemany with tuples: this runs for every record stored.
+                conn.exec_driver_sql(f"INSERT INTO ledger_records ({_RECORD_COLUMNS}) VALUES "
+                                     f"({', '.join([mark] * 7)})", rows)
                 conn.execute(heads.update().where(heads.c.chain == chain)
                              .values(seq=seq, hash=prev))
                 self._maybe_checkpoint(conn, chain, seq, prev)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -29,7 +30,17 @@ VERSION = 1
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:  # the common case, with its scalars inline (this runs per record)
+        out = {}
+        for key, item in value.items():
+            t = type(item)
+            out[key if type(key) is str else str(key)] = (
+                item if t is str or t is int or t is bool or item is None else _plain(item))
+        return out
+    if isinstance(value, (str, int)):  # subclasses (an IntEnum, a str Enum)
         return value
     if isinstance(value, Decimal):
         if not value.is_finite():
@@ -38,7 +49,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("timestamps must carry a time zone")
-        return value.astimezone(UTC).strftime(TS_FORMAT)
+        # TS_FORMAT, written by the faster isoformat
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -46,6 +58,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         raise TypeError("floats are not allowed in the ledger; use Decimal or a string")
     raise TypeError(f"{type(value).__name__} cannot be stored in the ledger")
+
+
+def _string(value: str) -> bytes:
+    """canonical() of a string, without the general machinery."""
+    return encode_basestring(value).encode()
 
 
 def canonical(value: Any) -> bytes:
@@ -63,8 +80,8 @@ def record_hash(prev_hash: str, chain: str, seq: int, ts: str, data: Any) -> str
 def chained_hash(prev_hash: str, chain: str, seq: int, ts: str, data_json: bytes) -> str:
     """`record_hash` for data already in canonical JSON: the object's keys in sorted order
     are chain, data, seq, ts, so it is written around `data_json` without parsing it again."""
-    body = b"".join((b'{"chain":', canonical(chain), b',"data":', data_json, b',"seq":',
-                     str(seq).encode(), b',"ts":', canonical(ts), b"}"))
+    body = b"".join((b'{"chain":', _string(chain), b',"data":', data_json, b',"seq":',
+                     str(seq).encode(), b',"ts":', _string(ts), b"}"))
     return hashlib.sha256(prev_hash.encode() + body).hexdigest()
 
 

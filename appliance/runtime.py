@@ -132,15 +132,22 @@ class Runner:
             (cmd.filter(service=service.name), cmd, False, None)]
         for spec, params, batch, attr in service._handlers:
             self.routes.append((spec.filter(**params), spec, batch, getattr(service, attr)))
+        self._routed: dict[str, tuple[TopicSpec, bool, Any] | None] = {}  # topic → route
 
     def filters(self) -> list[tuple[Filter, int]]:
         return [(flt, spec.qos) for flt, spec, _, _ in self.routes]
 
     def _route(self, message: Message) -> tuple[TopicSpec, bool, Any] | None:
-        for flt, spec, batch, handler in self.routes:
-            if flt.matches(message.topic):
-                return spec, batch, handler
-        return None
+        try:
+            return self._routed[message.topic]
+        except KeyError:
+            pass
+        found = next(((spec, batch, handler) for flt, spec, batch, handler in self.routes
+                      if flt.matches(message.topic)), None)
+        if len(self._routed) >= 10_000:  # topics are few (one per account, device…); stay small
+            self._routed.clear()
+        self._routed[message.topic] = found
+        return found
 
     async def receive_loop(self) -> None:
         while not self.stopping.is_set():

@@ -11,14 +11,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from appliance.bus.topics import slug
 from appliance.errors import ValidationFailed
 
 MAX_EVENT_BYTES = 16 * 1024
 MAX_FUTURE = timedelta(minutes=5)
-_MAX_EXPONENT = 30  # |adjusted exponent| of any number: 1e30 is far beyond any real price
+# Numbers are exact decimals of at most 60 digits, 30 of them after the point (pydantic
+# refuses NaN and infinities itself): 1e30 is far beyond any real price or size.
+_MAX_EXPONENT = 30
 _MAX_DEPTH = 8  # nesting of `extra`
 
 Side = Literal["buy", "sell"]
@@ -31,21 +33,30 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a ledger can hold")
 
 
-def _check_number(value: Decimal, where: str) -> Decimal:
-    if not value.is_finite():
-        raise ValueError(f"{where}: {value} is not a finite number")
-    if value and abs(value.adjusted()) > _MAX_EXPONENT:
-        raise ValueError(f"{where}: {value} is out of range (|exponent| > {_MAX_EXPONENT})")
-    return value
+# Every JSON number with a fraction or exponent becomes a Decimal, never a float. One decoder
+# for all calls: json.loads with hooks would build a new one each time.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def parse_json(data: str | bytes | bytearray) -> Any:
+    """JSON with exact decimals; ValidationFailed with the reason when it is not JSON."""
+    try:
+        return _DECODER.decode(data if isinstance(data, str) else bytes(data).decode())
+    except RecursionError:
+        raise ValidationFailed("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise ValidationFailed(f"invalid JSON: {exc}") from None
 
 
 def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
         raise ValueError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, float):
-        return _check_number(Decimal(repr(value)), where)
+        value = Decimal(repr(value))
     if isinstance(value, Decimal):
-        return _check_number(value, where)
+        if not value.is_finite() or (value and abs(value.adjusted()) > _MAX_EXPONENT):
+            raise ValueError(f"{where}: {value} is not a finite number within 10^±{_MAX_EXPONENT}")
+        return value
     if isinstance(value, dict):
         return {str(k): _check_extra(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
@@ -60,46 +71,34 @@ class TradeEvent(BaseModel):
 
     event_id: str = Text
     source: Source
-    account_id: str = Text
+    # It becomes a topic level, so it needs a character the slug keeps.
+    account_id: str = Field(min_length=1, max_length=128, pattern=r"[A-Za-z0-9_]")
     strategy_id: str = Field("default", min_length=1, max_length=128)
     symbol: str = Text
     side: Side | None = None
-    qty: Decimal = Field(gt=0)
-    price: Decimal = Field(Decimal(1), gt=0)
-    fee: Decimal = Field(Decimal(0), ge=0)
+    qty: Decimal = Field(gt=0, max_digits=60, decimal_places=_MAX_EXPONENT)
+    price: Decimal = Field(Decimal(1), gt=0, max_digits=60, decimal_places=_MAX_EXPONENT)
+    fee: Decimal = Field(Decimal(0), ge=0, max_digits=60, decimal_places=_MAX_EXPONENT)
     fee_currency: str | None = Field(None, max_length=32)
-    ts: datetime
+    ts: AwareDatetime
     order_id: str | None = Field(None, max_length=128)
     position_id: str | None = Field(None, max_length=128)
     kind: Kind = "fill"
-    realized_pnl: Decimal | None = None
+    realized_pnl: Decimal | None = Field(None, max_digits=60, decimal_places=_MAX_EXPONENT)
     extra: dict[str, Any] = {}
-
-    @field_validator("qty", "price", "fee", "realized_pnl")
-    @classmethod
-    def _finite(cls, value: Decimal | None, info: Any) -> Decimal | None:
-        return None if value is None else _check_number(value, info.field_name)
-
-    @field_validator("ts")
-    @classmethod
-    def _utc_not_future(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("ts needs a time zone (ISO 8601, e.g. 2026-01-01T12:00:00Z)")
-        value = value.astimezone(UTC)
-        if value - datetime.now(UTC) > MAX_FUTURE:
-            raise ValueError(f"ts {value.isoformat()} is more than 5 minutes in the future")
-        return value
 
     @field_validator("extra")
     @classmethod
     def _plain_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
-        checked: dict[str, Any] = _check_extra(value)
+        checked: dict[str, Any] = _check_extra(value) if value else value
         return checked
 
-    @field_validator("account_id", "symbol")
+    @field_validator("ts")
     @classmethod
-    def _sluggable(cls, value: str, info: Any) -> str:
-        slug(value)  # a ValueError names the field: it must become a topic level
+    def _utc_not_future(cls, value: datetime) -> datetime:
+        value = value.astimezone(UTC)
+        if value - datetime.now(UTC) > MAX_FUTURE:
+            raise ValueError(f"ts {value.isoformat()} is more than 5 minutes in the future")
         return value
 
     @model_validator(mode="after")
@@ -114,12 +113,7 @@ class TradeEvent(BaseModel):
         """Parse with every JSON number as a Decimal (never a float), then validate."""
         if len(json_data) > MAX_EVENT_BYTES:
             raise ValidationFailed(f"payload of {len(json_data)} bytes exceeds {MAX_EVENT_BYTES}")
-        try:
-            data = json.loads(json_data, parse_float=Decimal, parse_constant=_reject_constant)
-        except RecursionError:
-            raise ValidationFailed("invalid JSON: nested too deeply") from None
-        except ValueError as exc:
-            raise ValidationFailed(f"invalid JSON: {exc}") from None
+        data = parse_json(json_data)
         if not isinstance(data, dict):
             raise ValidationFailed(f"a TRADE_EVENT is a JSON object, not {type(data).__name__}")
         return cls.model_validate(data, strict=strict, context=context)

@@ -24,14 +24,7 @@ from appliance.bus import registry
 from appliance.bus.message import Message, Received
 from appliance.bus.payloads import CommandRequest, utcnow
 from appliance.bus.topics import slug
-from appliance.bus.trade_event import (
-    AcceptedEvent,
-    RejectedEvent,
-    TradeAck,
-    TradeEvent,
-    TradeMetrics,
-    chain_for,
-)
+from appliance.bus.trade_event import RejectedEvent, TradeEvent, TradeMetrics, chain_for
 from appliance.config import Section
 from appliance.errors import TemporaryError, ValidationFailed
 from appliance.ledger import Entry, Ledger, open_ledger
@@ -86,18 +79,18 @@ class TradeLoggerService(Service):
         for account in by_account.keys() | refused.keys():
             await self._confirm(account, results.get(account, []), refused.get(account, []))
 
-    def _commit(self, by_account: dict[str, list[TradeEvent]]) -> dict[str, list[AcceptedEvent]]:
+    def _commit(self, by_account: dict[str, list[TradeEvent]]) -> dict[str, list[dict[str, Any]]]:
         """One transaction per account; raises TemporaryError while the database is away
         (nothing is acknowledged then, so the broker keeps the messages)."""
-        results: dict[str, list[AcceptedEvent]] = {}
+        results: dict[str, list[dict[str, Any]]] = {}
         for account, events in by_account.items():
             try:
                 appended = self.ledger.append(chain_for(account), [
                     Entry(e.stored(), key=e.key) for e in events])
             except DatabaseUnavailable as exc:
                 raise TemporaryError(f"database unavailable: {exc.orig}") from exc
-            results[account] = [AcceptedEvent(event_id=e.event_id, source=e.source, seq=a.seq,
-                                              hash=a.hash, duplicate=a.duplicate)
+            results[account] = [{"event_id": e.event_id, "source": e.source, "seq": a.seq,
+                                 "hash": a.hash, "duplicate": a.duplicate}
                                 for e, a in zip(events, appended, strict=True)]
             dup = sum(a.duplicate for a in appended)
             self.stored += len(appended) - dup
@@ -105,12 +98,16 @@ class TradeLoggerService(Service):
             self.written.add(account)
         return results
 
-    async def _confirm(self, account: str, accepted: list[AcceptedEvent],
+    async def _confirm(self, account: str, accepted: list[dict[str, Any]],
                        rejected: list[RejectedEvent]) -> None:
+        """Publish TradeAck documents; `accepted` holds AcceptedEvent fields, already valid,
+        so they are written as they are (this runs for every event stored)."""
+        topic = str(registry.TRADE_ACK.topic(account=account))
         for i in range(0, max(len(accepted), len(rejected)), ACK_CHUNK):
-            ack = TradeAck(account=account, accepted=accepted[i:i + ACK_CHUNK],
-                           rejected=rejected[i:i + ACK_CHUNK])
-            await self.bus.send(registry.TRADE_ACK, ack, account=account)
+            ack = {"account": account, "accepted": accepted[i:i + ACK_CHUNK],
+                   "rejected": [r.model_dump() for r in rejected[i:i + ACK_CHUNK]]}
+            await self.bus.publish(topic, json.dumps(ack, separators=(",", ":")).encode(),
+                                   qos=registry.TRADE_ACK.qos)
 
     async def rejected(self, message: Message, reason: str) -> None:
         """An invalid event is refused for good on the ack topic too, when its topic and

@@ -6,16 +6,14 @@ logger, which is the only writer.
 
 from __future__ import annotations
 
-import json
-from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import ValidationError
 
 from appliance.bus.topics import describe, slug
-from appliance.bus.trade_event import MAX_EVENT_BYTES, AcceptedEvent, TradeEvent
-from appliance.errors import TemporaryError
+from appliance.bus.trade_event import MAX_EVENT_BYTES, AcceptedEvent, TradeEvent, parse_json
+from appliance.errors import TemporaryError, ValidationFailed
 from appliance.panel.deps import ApiAccount, BusDep, SenderDep, TimeoutDep
 
 router = APIRouter(prefix="/api/v1", tags=["trades"])
@@ -24,13 +22,10 @@ TRADE_LOGGER = "trade-logger"
 
 
 def _parse(body: bytes) -> Any:
-    def refuse(name: str) -> Any:
-        raise ValueError(f"{name} is not a number")
-
     try:
-        return json.loads(body, parse_float=Decimal, parse_constant=refuse)
-    except (ValueError, RecursionError) as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid JSON: {exc}") from None
+        return parse_json(body)
+    except ValidationFailed as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
 
 
 def _validate(items: list[Any], account: str) -> list[TradeEvent]:
