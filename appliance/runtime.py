@@ -171,6 +171,10 @@ class Runner:
             except ValidationFailed as exc:
                 await self._reject(message, str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001 - a validator's own bug must not stop the loop
+                log.exception("payload validation failed", extra={"topic": message.topic})
+                await self._reject(message, f"cannot validate: {type(exc).__name__}: {exc}")
+                continue
             received = Received(message, spec, spec.parse(message.topic) or {}, data)
             if handler is None:
                 await self._command(received)

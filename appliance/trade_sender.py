@@ -26,6 +26,7 @@ class _Pending:
     event: TradeEvent
     future: asyncio.Future[Outcome]
     sent_at: float = 0.0
+    waiters: int = 0  # send() calls waiting for it (concurrent HTTP requests may share one)
 
 
 def _key(account: str, source: str | None, event_id: str | None) -> tuple[str, str, str]:
@@ -78,7 +79,8 @@ class TradeSender:
                     await self._wait_some(waiting, deadline)
                 await self._publish(pending)
             mine.append(pending)
-            if not pending.future.done():
+            if not pending.future.done() and pending not in waiting:
+                pending.waiters += 1
                 waiting.add(pending)
         while waiting:
             await self._wait_some(waiting, deadline)
@@ -93,7 +95,9 @@ class TradeSender:
         left = deadline - time.monotonic()
         if left <= 0:
             for p in waiting:
-                self._pending.pop(_key(p.event.account, p.event.source, p.event.event_id), None)
+                p.waiters -= 1
+                if not p.waiters:  # nobody else waits for it: forget it
+                    self._pending.pop(_key(p.event.account, p.event.source, p.event.event_id), None)
             raise TemporaryError(f"{len(waiting)} trade events not confirmed by the trade logger; "
                                  "is it running? Sending them again is safe.")
         await asyncio.wait([p.future for p in waiting], timeout=min(1.0, left),

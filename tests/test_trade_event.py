@@ -72,6 +72,9 @@ def test_cash_flows_need_no_side_or_price() -> None:
     ({"extra": {"x": {"y": {"z": {"a": {"b": {"c": {"d": {"e": {"f": {}}}}}}}}}}}, "nested"),
     ({"unknown": 1}, "unknown: Extra inputs are not permitted"),
     ({"qty": True}, "qty"),
+    ({"fee": "0E-10000000"}, "fee: 0E-10000000 has more than 30 decimal places"),
+    ({"realized_pnl": "-0E-999"}, "realized_pnl"),
+    ({"ts": "0001-01-01T00:00:00+01:00"}, "out of range in UTC"),
 ])
 def test_refused_with_a_reason(changes: dict[str, Any], reason: str) -> None:
     with pytest.raises(ValidationFailed, match=reason):
@@ -88,6 +91,7 @@ def test_near_future_is_fine_but_not_far() -> None:
     (b"\xff", "UTF-8"),
     (b"[" * 10_000, "nested too deeply"),
     (json.dumps(event(extra={"pad": "x" * MAX_EVENT_BYTES})).encode(), "exceeds"),
+    (json.dumps(event(extra={"z": "@"})).encode().replace(b'"@"', b"0E-99999"), "extra.z"),
 ])
 def test_refused_payloads(raw: bytes, reason: str) -> None:
     with pytest.raises(ValidationFailed, match=reason):

@@ -57,7 +57,9 @@ def hostile(account: str) -> st.SearchStrategy[bytes]:
         st.tuples(st.sampled_from(["qty", "price"]),
                   st.sampled_from(["0", "-1", "NaN", "Infinity", "-Infinity", "1e31", "1e-40"]))
         .map(lambda kv: with_(*kv)),
-        st.sampled_from(["-0.01", "NaN", "1e99"]).map(lambda v: with_("fee", v)),
+        st.sampled_from(["-0.01", "NaN", "1e99", "0E-1000000"]).map(lambda v: with_("fee", v)),
+        st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+        .map(lambda ts: with_("ts", ts)),
         st.integers(4400, 9000).map(lambda n: with_("qty", 0).replace(b'"qty": 0', b'"qty": 1' + b"0" * n)),
         st.integers(9, 3000).map(nested),
         st.integers(0x80, 0xBF).map(bad_utf8),

@@ -48,14 +48,25 @@ def parse_json(data: str | bytes | bytearray) -> Any:
         raise ValidationFailed(f"invalid JSON: {exc}") from None
 
 
+def _fits(value: Decimal) -> bool:
+    """Finite, and written in plain notation in a bounded number of characters: a zero
+    counts too (`0E-1000000` would be a million zeros)."""
+    if not value.is_finite():
+        return False
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return -_MAX_EXPONENT <= exponent and (not value or value.adjusted() <= _MAX_EXPONENT)
+
+
 def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
         raise ValueError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, float):
         value = Decimal(repr(value))
     if isinstance(value, Decimal):
-        if not value.is_finite() or (value and abs(value.adjusted()) > _MAX_EXPONENT):
-            raise ValueError(f"{where}: {value} is not a finite number within 10^±{_MAX_EXPONENT}")
+        if not _fits(value):
+            raise ValueError(f"{where}: {value} is not a finite number of at most "
+                             f"{_MAX_EXPONENT} digits before or after the point")
         return value
     if isinstance(value, dict):
         return {str(k): _check_extra(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
@@ -96,15 +107,23 @@ class TradeEvent(BaseModel):
     @field_validator("ts")
     @classmethod
     def _utc_not_future(cls, value: datetime) -> datetime:
-        value = value.astimezone(UTC)
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"ts {value.isoformat()} is out of range in UTC") from None
         if value - datetime.now(UTC) > MAX_FUTURE:
             raise ValueError(f"ts {value.isoformat()} is more than 5 minutes in the future")
         return value
 
     @model_validator(mode="after")
-    def _fill_has_side(self) -> TradeEvent:
+    def _consistent(self) -> TradeEvent:
         if self.kind == "fill" and self.side is None:
             raise ValueError("a fill needs a side (buy or sell)")
+        # pydantic's digit limits let a zero through whatever its exponent
+        for name in ("qty", "price", "fee", "realized_pnl"):
+            value = getattr(self, name)
+            if value is not None and not _fits(value):
+                raise ValueError(f"{name}: {value} has more than {_MAX_EXPONENT} decimal places")
         return self
 
     @classmethod

@@ -76,6 +76,7 @@ class TradeLoggerService(Service):
                 continue
             by_account.setdefault(account, []).append(event)
         results = await asyncio.to_thread(self._commit, by_account)
+        self.written.update(results)  # here, on the loop that swaps the set
         for account in by_account.keys() | refused.keys():
             await self._confirm(account, results.get(account, []), refused.get(account, []))
 
@@ -95,7 +96,6 @@ class TradeLoggerService(Service):
             dup = sum(a.duplicate for a in appended)
             self.stored += len(appended) - dup
             self.duplicates += dup
-            self.written.add(account)
         return results
 
     async def _confirm(self, account: str, accepted: list[dict[str, Any]],
@@ -136,7 +136,10 @@ class TradeLoggerService(Service):
                         log.exception("metrics failed", extra={"account": account})
             if time.monotonic() - signed_at >= self.config.checkpoint_interval_s:
                 signed_at = time.monotonic()
-                await asyncio.to_thread(self._checkpoint_all)
+                try:
+                    await asyncio.to_thread(self._checkpoint_all)
+                except Exception:  # noqa: BLE001 - the next append or pass signs it
+                    log.exception("checkpoint failed")
             await asyncio.sleep(self.config.metrics_interval_s)
 
     def _checkpoint_all(self) -> None:
@@ -156,8 +159,7 @@ class TradeLoggerService(Service):
                 except ValidationFailed as exc:  # a damaged record: `ledger verify` names it
                     log.error("record left out of the metrics", extra={
                         "account": account, "seq": record["seq"], "error": str(exc)})
-                since = record["seq"]
-            self.read_to[account] = since
+                since = self.read_to[account] = record["seq"]  # each record read once
             return use(book), since
 
     async def publish_metrics(self, account: str) -> dict[str, Any]:
