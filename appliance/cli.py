@@ -101,12 +101,9 @@ def _open_ledger() -> Ledger:
 
 
 def _engine() -> Any:
-    from appliance import db
+    from appliance.db import open_database
 
-    settings = _settings()
-    engine = db.make_engine(settings.database.url or db.default_url(settings.state_dir))
-    db.migrate(engine)
-    return engine
+    return open_database(_settings())
 
 
 def _on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
+
+if TYPE_CHECKING:
+    from appliance.config import CoreSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -58,3 +61,10 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         config.attributes["connection"] = connection
         logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per step otherwise
         command.upgrade(config, revision)
+
+
+def open_database(settings: CoreSettings) -> Engine:
+    """The box's database (`database.url`, else SQLite under the state directory), migrated."""
+    engine = make_engine(settings.database.url or default_url(settings.state_dir))
+    migrate(engine)
+    return engine

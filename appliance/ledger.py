@@ -27,7 +27,7 @@ from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String,
 from sqlalchemy.dialects import postgresql, sqlite
 
 from appliance.config import CoreSettings
-from appliance.db import default_url, make_engine, migrate
+from appliance.db import open_database
 from appliance.ledger_verify import (
     FORMAT,
     GENESIS,
@@ -263,6 +263,4 @@ class Ledger:
 
 def open_ledger(settings: CoreSettings, **options: Any) -> Ledger:
     """The ledger of this box: its database (migrated) and its signing key."""
-    engine = make_engine(settings.database.url or default_url(settings.state_dir))
-    migrate(engine)
-    return Ledger(engine, Signer.load_or_create(settings.state_dir), **options)
+    return Ledger(open_database(settings), Signer.load_or_create(settings.state_dir), **options)

@@ -14,7 +14,7 @@ from pydantic import Field
 from appliance.bus import registry
 from appliance.bus.message import Received
 from appliance.config import Section
-from appliance.db import default_url, make_engine, migrate
+from appliance.db import open_database
 from appliance.errors import OperationalError
 from appliance.panel.app import create_app
 from appliance.runtime import Service, subscribe
@@ -40,8 +40,7 @@ class PanelService(Service):
     Settings = PanelSettings
 
     async def start(self) -> None:
-        self.engine = make_engine(self.settings.database.url or default_url(self.settings.state_dir))
-        await asyncio.to_thread(migrate, self.engine)
+        self.engine = await asyncio.to_thread(open_database, self.settings)
         self.sender = TradeSender(self.bus)
         self.app = create_app(self.bus, self.engine, self.sender,
                               request_timeout_s=self.config.request_timeout_s)
