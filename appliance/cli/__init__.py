@@ -88,32 +88,32 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings() -> CoreSettings:
+def load_settings() -> CoreSettings:
     from appliance import config
 
     return config.load(config.CoreSettings)
 
 
-def _open_ledger() -> Ledger:
+def box_ledger() -> Ledger:
     from appliance.ledger import open_ledger
 
-    return open_ledger(_settings())
+    return open_ledger(load_settings())
 
 
-def _engine() -> Any:
+def database() -> Any:
     from appliance.db import open_database
 
-    return open_database(_settings())
+    return open_database(load_settings())
 
 
-def _on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
+def on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
     """Run `work` with a bus client of the command line (the broker's `cli` client)."""
     from appliance.bus.admin import CLI_CLIENT
     from appliance.bus.mqtt import MqttBus
     from appliance.runtime import address_for
 
     async def main() -> T:
-        bus = MqttBus(CLI_CLIENT, address_for(_settings(), CLI_CLIENT), status=False,
+        bus = MqttBus(CLI_CLIENT, address_for(load_settings(), CLI_CLIENT), status=False,
                       persistent=False, client_id=f"{CLI_CLIENT}-{uuid.uuid4().hex[:8]}")
         await bus.connect(timeout=10)
         try:
@@ -147,7 +147,7 @@ def _send_events(events: Sequence[TradeEvent], timeout: float) -> int:
             print(f"seq {accepted[0].seq} hash {accepted[0].hash}")
         return 0 if len(accepted) == len(outcomes) else 1
 
-    return _on_bus(work)
+    return on_bus(work)
 
 
 def _ask_trade_logger(command: str, args: dict[str, Any]) -> Any:
@@ -157,7 +157,7 @@ def _ask_trade_logger(command: str, args: dict[str, Any]) -> Any:
             raise OperationalError(f"trade-logger: {reply.error}")
         return reply.result
 
-    return _on_bus(work)
+    return on_bus(work)
 
 
 def _chain(args: argparse.Namespace) -> str:
@@ -167,7 +167,7 @@ def _chain(args: argparse.Namespace) -> str:
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
-    ledger = _open_ledger()
+    ledger = box_ledger()
     chains = [args.chain] if args.chain else ledger.chains()
     failed = 0
     for chain in chains:
@@ -181,7 +181,7 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_export(args: argparse.Namespace) -> int:
-    ledger, chain = _open_ledger(), _chain(args)
+    ledger, chain = box_ledger(), _chain(args)
     if not ledger.count(chain):
         raise OperationalError(f"chain {chain} has no records")
     with open(args.out, "w", encoding="utf-8") as out:
@@ -222,7 +222,7 @@ def _cmd_ledger_metrics(args: argparse.Namespace) -> int:
 def _cmd_ledger_key(args: argparse.Namespace) -> int:
     from appliance.panel import api_keys
 
-    engine = _engine()
+    engine = database()
     if args.key_command == "create":
         made, key = api_keys.create(engine, args.account, args.label or "")
         print(f"API key {made.id} for account {made.account} (shown once, keep it safe):\n{key}")
@@ -359,6 +359,11 @@ def parser() -> argparse.ArgumentParser:
 
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
+
+    from appliance.cli import audit, crypto, users
+
+    for area in (users, crypto, audit):
+        area.add_commands(sub)
     return top
 
 
@@ -374,7 +379,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

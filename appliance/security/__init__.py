@@ -1,0 +1,1 @@
+"""The security core: users, TOTP, roles, encryption, secrets, the audit log, devices."""
