@@ -12,6 +12,7 @@ duplicate, never stored twice.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from appliance.ledger_verify import (
     canonical,
     chained_hash,
     checkpoint_message,
+    verify_bundle,
     verify_records,
 )
 
@@ -52,6 +54,10 @@ checkpoints = Table("ledger_checkpoints", metadata,
                     Column("chain", String(200), primary_key=True),
                     Column("seq", BigInteger, primary_key=True), Column("hash", String(64)),
                     Column("ts", String(40)), Column("signature", String(120)))
+archives = Table("ledger_archives", metadata, Column("chain", String(200), primary_key=True),
+                 Column("through_seq", BigInteger, primary_key=True),
+                 Column("first_seq", BigInteger), Column("hash", String(64)), Column("file", Text),
+                 Column("sha256", String(64)), Column("archived_at", String(40)))
 _RECORD_COLUMNS = "chain, seq, ts, dedupe_key, data, prev_hash, hash"
 _KEY_CHUNK = 400  # SQLite's bound-parameter limit is generous, but not unlimited
 
@@ -109,6 +115,19 @@ class Appended:
     seq: int
     hash: str
     duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Archived:
+    """A segment of a chain moved out of the database into a bundle file of its own."""
+
+    chain: str
+    first_seq: int
+    through_seq: int
+    hash: str  # of the record at through_seq: where the chain in the database resumes
+    file: str
+    sha256: str
+    archived_at: str
 
 
 class Ledger:
@@ -214,12 +233,15 @@ class Ledger:
             return int(conn.execute(select(func.count()).select_from(records)
                                     .where(records.c.chain == chain)).scalar_one())
 
-    def records(self, chain: str, since: int = 0) -> Iterator[dict[str, Any]]:
-        """Records after `since`, in order, as stored (data parsed back from its JSON)."""
+    def records(self, chain: str, since: int = 0,
+                through: int | None = None) -> Iterator[dict[str, Any]]:
+        """Records after `since` (up to `through`), in order, as stored (data parsed back
+        from its JSON)."""
         with self.engine.connect() as conn:
             query = (select(records.c.seq, records.c.ts, records.c.data, records.c.prev_hash,
                             records.c.hash)
-                     .where(records.c.chain == chain, records.c.seq > since)
+                     .where(records.c.chain == chain, records.c.seq > since,
+                            records.c.seq <= (through if through is not None else 2**62))
                      .order_by(records.c.seq).execution_options(yield_per=2000))
             for row in conn.execute(query):
                 try:
@@ -236,27 +258,109 @@ class Ledger:
             return [{"seq": int(r.seq), "hash": r.hash, "ts": r.ts, "signature": r.signature}
                     for r in rows]
 
+    def archives(self, chain: str) -> list[Archived]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(archives).where(archives.c.chain == chain)
+                                .order_by(archives.c.through_seq))
+            return [Archived(r.chain, int(r.first_seq), int(r.through_seq), r.hash, r.file,
+                             r.sha256, r.archived_at) for r in rows]
+
+    def first_seq(self, chain: str) -> int:
+        """The seq the records in the database start at: 1, or after the last archive."""
+        done = self.archives(chain)
+        return done[-1].through_seq + 1 if done else 1
+
     def verify(self, chain: str) -> Verdict:
-        """Check the whole chain; `first_bad_seq` names the first record that is wrong."""
+        """Check the chain in the database; `first_bad_seq` names the first record that is
+        wrong. Archived records are checked in their files (`appliance.ledger_verify`)."""
         return verify_records(chain, self.records(chain), self.checkpoints(chain),
-                              self.signer.public_key)
+                              self.signer.public_key, first_seq=self.first_seq(chain))
+
+    def verify_archive(self, done: Archived) -> Verdict:
+        """Check an archived segment's file: it verifies on its own with this box's key, holds
+        exactly the records that were archived, and is byte for byte the file written then.
+        A file moved elsewhere is reported in the notes, not as a failure."""
+        path = Path(done.file)
+        if not path.is_file():
+            return Verdict(first_seq=done.first_seq,
+                           notes=[f"{path} is not here (moved off the box?): not checked"])
+        with open(path, encoding="utf-8") as lines:
+            verdict = verify_bundle(lines, self.signer.public_key)
+        if not verdict.ok:
+            return verdict
+        if (verdict.first_seq, verdict.first_seq + verdict.records - 1, verdict.head_hash) != (
+                done.first_seq, done.through_seq, done.hash):
+            return verdict.fail(done.first_seq, f"{path} does not hold seq {done.first_seq}.."
+                                f"{done.through_seq} as archived")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != done.sha256:
+            return verdict.fail(None, f"{path} changed since it was archived (sha256 differs)")
+        return verdict
 
     def export(self, chain: str, out: IO[str]) -> int:
-        """Write the bundle (docs/ledger.md): header, then each record followed by the
-        checkpoints at its seq. The head is signed first. Returns the number of records."""
+        """Write the bundle (docs/ledger.md) of the records in the database. The head is
+        signed first. Returns the number of records."""
         self.checkpoint(chain)
-        signed: dict[int, list[dict[str, Any]]] = {}
-        for cp in self.checkpoints(chain):
-            signed.setdefault(cp["seq"], []).append(cp)
+        return self._write_bundle(chain, out, self.records(chain), self.checkpoints(chain))
+
+    def archive(self, chain: str, through_seq: int, directory: Path) -> Archived:
+        """Move the records up to `through_seq` into a bundle file in `directory` that
+        verifies on its own, then delete them from the database. The chain in the database
+        then starts with an anchor: the signed checkpoint at `through_seq`, which is kept.
+        (Records are never changed once written, so appenders can go on meanwhile.)"""
+        first = self.first_seq(chain)
+        head, _ = self.head(chain)
+        if not first <= through_seq <= head:
+            raise ValueError(f"{chain}: can archive seq {first}..{head}, not through {through_seq}")
+        with self.engine.begin() as conn:
+            hash_ = conn.execute(select(records.c.hash).where(
+                records.c.chain == chain, records.c.seq == through_seq)).scalar_one()
+            if not conn.execute(select(checkpoints.c.seq).where(
+                    checkpoints.c.chain == chain, checkpoints.c.seq == through_seq)).first():
+                self._sign(conn, chain, through_seq, hash_)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{chain.replace(':', '_')}-{first:012d}-{through_seq:012d}.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            self._write_bundle(chain, out, self.records(chain, through=through_seq),
+                               [cp for cp in self.checkpoints(chain) if cp["seq"] <= through_seq])
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        done = Archived(chain, first, through_seq, hash_, str(path), digest, now_iso())
+        with self.engine.begin() as conn:
+            conn.execute(archives.insert().values(
+                chain=chain, through_seq=through_seq, first_seq=first, hash=hash_,
+                file=done.file, sha256=digest, archived_at=done.archived_at))
+            conn.execute(records.delete().where(records.c.chain == chain,
+                                                records.c.seq <= through_seq))
+            conn.execute(checkpoints.delete().where(checkpoints.c.chain == chain,
+                                                    checkpoints.c.seq < through_seq))
+        return done
+
+    def _write_bundle(self, chain: str, out: IO[str], rows: Iterator[dict[str, Any]],
+                      signed_at: list[dict[str, Any]]) -> int:
+        """Header, then the anchor (the checkpoint just before the first record, when older
+        records were archived), then each record followed by the checkpoints at its seq."""
+        by_seq: dict[int, list[dict[str, Any]]] = {}
+        for cp in signed_at:
+            by_seq.setdefault(cp["seq"], []).append(cp)
         out.write(json.dumps({"type": "header", "format": FORMAT, "version": VERSION,
                               "chain": chain, "algorithm": "ed25519",
                               "public_key": base64.b64encode(self.signer.public_key).decode()})
                   + "\n")
+
+        def line(kind: str, item: dict[str, Any]) -> None:
+            out.write(canonical({"type": kind, "chain": chain, **item}).decode() + "\n")
+
         count = 0
-        for rec in self.records(chain):
-            out.write(canonical({"type": "record", "chain": chain, **rec}).decode() + "\n")
-            for cp in signed.get(rec["seq"], []):
-                out.write(canonical({"type": "checkpoint", "chain": chain, **cp}).decode() + "\n")
+        for rec in rows:
+            if count == 0:
+                for cp in by_seq.get(rec["seq"] - 1, []):
+                    line("checkpoint", cp)
+            line("record", rec)
+            for cp in by_seq.get(rec["seq"], []):
+                line("checkpoint", cp)
             count += 1
         return count
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Iterable
@@ -97,6 +98,8 @@ class Verdict:
     signed_through: int = 0
     first_bad_seq: int | None = None
     reason: str = ""
+    first_seq: int = 1  # > 1 when older records were archived
+    head_hash: str = GENESIS  # of the last record checked
     notes: list[str] = field(default_factory=list)
 
     def fail(self, seq: int | None, reason: str) -> Verdict:
@@ -105,13 +108,28 @@ class Verdict:
 
 
 def verify_records(chain: str, records: Iterable[dict[str, Any]],
-                   checkpoints: Iterable[dict[str, Any]], public_key: bytes | None) -> Verdict:
-    """Walk the chain from seq 1: continuity, links, hashes, then every checkpoint's signature
-    and that it names the hash actually at its seq."""
+                   checkpoints: Iterable[dict[str, Any]], public_key: bytes | None,
+                   *, first_seq: int | None = None) -> Verdict:
+    """Walk the chain: continuity, links, hashes, then every checkpoint's signature and that
+    it names the hash actually at its seq.
+
+    The records start at seq 1 or, once older ones were archived, at a later seq whose
+    `prev_hash` must be vouched for by a signed checkpoint at the seq before it (the anchor).
+    `first_seq` is where the records must start when the caller knows it (the database
+    knows what it archived); otherwise the first record says."""
     verdict = Verdict()
+    items = iter(records)
+    first = next(items, None)
+    if first_seq is None:
+        seq = first.get("seq") if first else None
+        first_seq = seq if isinstance(seq, int) and seq > 1 else 1
+    verdict.first_seq = expected = first_seq
+    prev = GENESIS
     hashes: dict[int, str] = {}
-    prev, expected = GENESIS, 1
-    for rec in records:
+    anchored = first_seq == 1 or first is None
+    if not anchored and first is not None:
+        prev = hashes[first_seq - 1] = str(first.get("prev_hash"))
+    for rec in itertools.chain([first] if first else [], items):
         seq = rec.get("seq")
         if seq != expected:
             return verdict.fail(expected, f"expected seq {expected}, found {seq}")
@@ -127,13 +145,17 @@ def verify_records(chain: str, records: Iterable[dict[str, Any]],
         expected += 1
         verdict.records += 1
     key = Ed25519PublicKey.from_public_bytes(public_key) if public_key else None
+    if key is None:
+        verdict.notes.append("no public key: signatures not checked")
     for cp in checkpoints:
         seq = cp.get("seq")
+        if isinstance(seq, int) and seq < first_seq - 1:
+            continue  # it signs an archived record
         if not isinstance(seq, int) or hashes.get(seq) != cp.get("hash"):
             return verdict.fail(seq, "checkpoint names a hash the chain does not have")
+        anchored = anchored or seq == first_seq - 1
         if key is None:
-            verdict.notes.append("no public key: signatures not checked")
-            break
+            continue
         try:
             key.verify(base64.b64decode(cp["signature"]),
                        checkpoint_message(chain, seq, cp["hash"], cp["ts"]))
@@ -141,7 +163,11 @@ def verify_records(chain: str, records: Iterable[dict[str, Any]],
             return verdict.fail(seq, "checkpoint signature is not valid")
         verdict.checkpoints += 1
         verdict.signed_through = max(verdict.signed_through, seq)
-    if verdict.records and verdict.signed_through < verdict.records:
+    verdict.head_hash = prev
+    if not anchored:
+        return verdict.fail(first_seq, f"the records start at seq {first_seq} but no signed "
+                                       f"checkpoint vouches for seq {first_seq - 1}")
+    if verdict.records and verdict.signed_through < expected - 1:
         verdict.notes.append(f"records after seq {verdict.signed_through} are not yet signed")
     return verdict
 
