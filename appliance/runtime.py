@@ -30,7 +30,7 @@ from appliance.bus.topics import Filter, TopicSpec
 from appliance.config import CoreSettings, Section, load, section_name, settings_class
 from appliance.errors import CirclesError, ConfigError, TemporaryError, ValidationFailed
 from appliance.logging import request_id
-from appliance.secrets import read_secret
+from appliance.security.secrets import read_secret
 
 log = logging.getLogger("circles.runtime")
 STOP_TIMEOUT_S = 2.5

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bus.admin import BrokerAdmin
-from appliance.secrets import read_secret
+from appliance.security.secrets import read_secret
 from appliance.supervisor import Broker, free_port
 
 

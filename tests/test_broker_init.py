@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from appliance.bus.broker import ADMIN_SECRET, BrokerFiles
-from appliance.secrets import read_secret
+from appliance.security.secrets import read_secret
 
 
 def init(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +30,7 @@ def test_init_writes_the_design_settings_and_is_idempotent(tmp_path: Path) -> No
     assert {r["rolename"] for r in dynsec["roles"]} >= {"broker-admin", "observer", "homeassistant"}
     assert dynsec["defaultACLAccess"]["publishClientSend"] is False
     assert files.dynsec.stat().st_mode & 0o777 == 0o600
-    secret = tmp_path / "secrets" / ADMIN_SECRET
+    secret = tmp_path / "secrets" / f"{ADMIN_SECRET}.enc"
     assert secret.stat().st_mode & 0o777 == 0o600 and read_secret(ADMIN_SECRET, tmp_path)
 
     before = {p: p.stat().st_mtime_ns for p in (files.conf, files.dynsec, secret)}

@@ -19,7 +19,7 @@ from appliance.bus.mqtt import BrokerAddress, MqttBus
 from appliance.bus.roles import KINDS, role, role_name
 from appliance.bus.topics import Filter
 from appliance.errors import AuthError, ConfigError, OperationalError
-from appliance.secrets import ensure_secret, read_secret
+from appliance.security.secrets import ensure_secret, read_secret
 
 CONTROL = "$CONTROL/dynamic-security/v1"
 # The client of the `circles` command line (simulate, import, test trades, metrics): a

@@ -21,7 +21,7 @@ from typing import Any
 
 from appliance.bus.roles import ADMIN_ROLE, KINDS, role
 from appliance.errors import ConfigError
-from appliance.secrets import ensure_secret, read_secret
+from appliance.security.secrets import ensure_secret, read_secret
 
 ADMIN_USER = "broker-admin"
 ADMIN_SECRET = "mqtt-broker-admin"
