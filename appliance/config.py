@@ -65,6 +65,20 @@ class DatabaseSettings(Section):
     url: str | None = None
 
 
+class SecuritySettings(Section):
+    """Logins to the panel: lockout, password expiry, reset tokens, TOTP (docs/users.md)."""
+
+    # Failed attempts in a row (password or TOTP code) before the account is locked.
+    lockout_threshold: int = Field(5, ge=1, le=100)
+    # The first lockout lasts this long; each further lockout in a row doubles it.
+    lockout_minutes: int = Field(15, ge=1)
+    lockout_max_minutes: int = Field(24 * 60, ge=1)
+    # Off by default: forced rotation pushes people to weaker passwords (NIST SP 800-63B).
+    password_max_age_days: int | None = Field(None, ge=1)
+    reset_token_minutes: int = Field(30, ge=1, le=24 * 60)
+    totp_issuer: str = Field("Circles", min_length=1, max_length=60)
+
+
 class CoreSettings(BaseSettings):
     """What every process needs; a service's own section is added by `settings_class`."""
 
@@ -77,6 +91,7 @@ class CoreSettings(BaseSettings):
     bus: BusSettings = BusSettings()
     log: LogSettings = LogSettings()
     database: DatabaseSettings = DatabaseSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @classmethod
     def settings_customise_sources(

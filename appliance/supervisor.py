@@ -23,7 +23,7 @@ from typing import Any
 from appliance.bus import broker
 from appliance.bus.admin import BrokerAdmin, client_secret
 from appliance.errors import ConfigError, OperationalError
-from appliance.secrets import ensure_secret
+from appliance.security.secrets import ensure_secret
 
 OBSERVER = "observer"
 
@@ -113,9 +113,24 @@ class Child:
 
 async def up(state: Path, *, only: list[str] | None = None, config: Path | None = None) -> int:
     from appliance import services
+    from appliance.config import CoreSettings, load
+    from appliance.security.users import FIRST_ADMIN, first_start
+
+    # First of all, so that Ctrl-C at any moment from here on stops what was started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
 
     state = state.resolve()
     names = only or services.names()
+    # This process and the services read the same settings (the database among them).
+    os.environ.update(CIRCLES_STATE_DIR=str(state), CIRCLES_ENVIRONMENT="development")
+    os.environ.pop("NOTIFY_SOCKET", None)
+    if config:
+        os.environ["CIRCLES_CONFIG"] = str(config.resolve())
+    # Before the broker starts, so a failure here leaves nothing running.
+    admin_password = first_start(load(CoreSettings))
     port = free_port()
     mosq = Broker(state, port)
     mosq.start()
@@ -131,22 +146,16 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
         mosq.stop()
         raise
 
-    env = {**os.environ, "CIRCLES_STATE_DIR": str(state), "CIRCLES_BUS__HOST": "127.0.0.1",
-           "CIRCLES_BUS__PORT": str(port), "CIRCLES_ENVIRONMENT": "development"}
-    env.pop("NOTIFY_SOCKET", None)
-    if config:
-        env["CIRCLES_CONFIG"] = str(config.resolve())
+    env = {**os.environ, "CIRCLES_BUS__HOST": "127.0.0.1", "CIRCLES_BUS__PORT": str(port)}
     children = [Child(name, env, state / "logs") for name in names]
     print(f"Circles is up: broker on 127.0.0.1:{port}, services: {', '.join(names)}")
+    if admin_password:
+        print(f"first admin: {FIRST_ADMIN} / {admin_password} — shown once, change it at first login")
     print(f"Watch the bus:\n  mosquitto_sub -h 127.0.0.1 -p {port} -u {OBSERVER} "
           f"-P '{observer_password}' -t 'circles/#' -v")
     print(f"The command line against it:\n  export CIRCLES_STATE_DIR={state} CIRCLES_BUS__PORT={port}")
     print(f"Logs: {state / 'logs'}/<service>.jsonl   Stop: Ctrl-C", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     watchers = [asyncio.create_task(supervise(child, stop)) for child in children]
     await stop.wait()
     print("stopping…", flush=True)

@@ -106,6 +106,25 @@ def database() -> Any:
     return open_database(load_settings())
 
 
+def ask_secret(label: str, *, multiline: bool = False) -> str:
+    """A secret typed twice, hidden, at a terminal; else read from stdin (one line, or all of
+    it with `multiline`, e.g. a PEM key). Never from the command line, where `ps` shows it."""
+    if sys.stdin.isatty():
+        import getpass
+
+        value = getpass.getpass(f"{label}: ")
+        if getpass.getpass("again: ") != value:
+            raise OperationalError(f"the two {label}s differ; nothing changed")
+    elif multiline:
+        # One trailing newline is how `echo` and files end; it is not part of the secret.
+        value = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    else:
+        value = sys.stdin.readline().rstrip("\r\n")
+    if not value:
+        raise OperationalError(f"no {label} given; nothing changed")
+    return value
+
+
 def on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
     """Run `work` with a bus client of the command line (the broker's `cli` client)."""
     from appliance.bus.admin import CLI_CLIENT
@@ -360,9 +379,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, crypto, users
+    from appliance.cli import audit, crypto, devices, users
 
-    for area in (users, crypto, audit):
+    for area in (users, crypto, audit, devices):
         area.add_commands(sub)
     return top
 

@@ -1,9 +1,137 @@
-"""`circles user …`: people who may log in to the panel."""
+"""`circles user …`: people who may log in to the panel.
+
+The command line acts as an admin: whoever has a shell on the box (and can read its state
+directory) may manage its users. Each change is audit-logged as `cli:<unix user>`.
+Passwords are read from the terminal without echo, or from standard input when it is not
+a terminal (`… | circles user add NAME`), never from the arguments, which other users of
+the machine can see in the process list.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from appliance.cli import ask_secret
+
+if TYPE_CHECKING:
+    from appliance.security.users import UserInfo, Users
+
+_ROLES = ("admin", "operator", "viewer")
+
+
+def _users() -> Users:
+    from appliance.cli import load_settings
+    from appliance.security.users import Users
+
+    return Users.open(load_settings())
+
+
+def _actor() -> str:
+    from appliance.security.audit import cli_actor
+
+    return cli_actor()
+
+
+def _when(ts: datetime | None) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M UTC") if ts else "never"
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from appliance.security.passwords import generate_password
+
+    password = generate_password() if args.generate else ask_secret(f"password for {args.name}")
+    made = _users().add(args.name, password, args.role, actor=_actor(),
+                        must_change_password=args.generate)
+    print(f"user {made.username} added (role {made.role})")
+    if args.generate:
+        print(f"password (shown once; {made.username} must change it at first login):")
+        print(password)
+    return 0
+
+
+def _state(user: UserInfo) -> str:
+    notes = []
+    if user.locked_until and user.locked_until > datetime.now(user.locked_until.tzinfo):
+        notes.append(f"locked until {_when(user.locked_until)}")
+    if user.must_change_password:
+        notes.append("must change password")
+    return ", ".join(notes) or "-"
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    users = _users().list_users()
+    if not users:
+        print("no users (`circles up` creates the first admin; or `circles user add`)")
+        return 0
+    print(f"{'NAME':<20} {'ROLE':<9} {'TOTP':<5} {'LAST LOGIN':<21} STATE")
+    for user in users:
+        print(f"{user.username:<20} {user.role:<9} {'yes' if user.totp_enrolled else 'no':<5} "
+              f"{_when(user.last_login_at):<21} {_state(user)}")
+    return 0
+
+
+def _cmd_set_role(args: argparse.Namespace) -> int:
+    changed = _users().set_role(args.name, args.role, actor=_actor())
+    print(f"user {changed.username} is now {changed.role}")
+    return 0
+
+
+def _cmd_reset_password(args: argparse.Namespace) -> int:
+    name = args.name.strip().lower()
+    issued = _users().issue_reset_token(name, actor=_actor())
+    print(f"one-time reset token for {name}, valid until {_when(issued.expires_at)} "
+          f"(they set a new password with it on the panel's login page):")
+    print(issued.token)
+    return 0
+
+
+def _cmd_totp_reset(args: argparse.Namespace) -> int:
+    name = args.name.strip().lower()
+    had = _users().totp.reset(name, actor=_actor())
+    if had:
+        print(f"TOTP of {name} removed with its backup codes; they enrol again after logging in")
+    else:
+        print(f"{name} had no TOTP enrolled; nothing to remove")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    name = args.name.strip().lower()
+    _users().remove(name, actor=_actor())
+    print(f"user {name} removed")
+    return 0
 
 
 def add_commands(sub: Any) -> None:
-    pass
+    user = sub.add_parser("user", help="people who may log in to the panel")
+    usub = user.add_subparsers(dest="user_command", required=True)
+
+    add = usub.add_parser("add", help="a new user; the password is asked for (or read from "
+                                      "stdin), never given as an argument")
+    add.add_argument("name")
+    add.add_argument("--role", choices=_ROLES, default="viewer", help="default: viewer")
+    add.add_argument("--generate", action="store_true",
+                     help="generate the password, print it once, and make them change it")
+    add.set_defaults(func=_cmd_add)
+
+    usub.add_parser("list", help="every user, role, TOTP and lockout state") \
+        .set_defaults(func=_cmd_list)
+
+    role = usub.add_parser("set-role", help="change a user's role")
+    role.add_argument("name")
+    role.add_argument("role", choices=_ROLES)
+    role.set_defaults(func=_cmd_set_role)
+
+    reset = usub.add_parser("reset-password", help="print a one-time token to set a new password")
+    reset.add_argument("name")
+    reset.set_defaults(func=_cmd_reset_password)
+
+    totp = usub.add_parser("totp-reset", help="remove a user's TOTP (a lost phone)")
+    totp.add_argument("name")
+    totp.set_defaults(func=_cmd_totp_reset)
+
+    remove = usub.add_parser("remove", help="delete a user")
+    remove.add_argument("name")
+    remove.set_defaults(func=_cmd_remove)
