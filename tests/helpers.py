@@ -16,11 +16,33 @@ from typing import Any
 
 from appliance.bus import BrokerAddress, Filter, Message, MqttBus
 from appliance.bus.admin import BrokerAdmin
-from appliance.secrets import ensure_secret, read_secret
+from appliance.errors import AuthError
+from appliance.security.secrets import ensure_secret, read_secret
 from appliance.supervisor import Broker, free_port
 
 TESTER = "tester"
 _counter = itertools.count()
+
+
+def circles_env(state: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `circles` command working on the state directory `state` (and
+    no configuration file but an empty one)."""
+    config = state / "empty.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.touch()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CIRCLES_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                            "JOURNAL_STREAM", "CREDENTIALS_DIRECTORY")}
+    env.update(CIRCLES_STATE_DIR=str(state), CIRCLES_CONFIG=str(config))
+    env.update(extra)
+    return env
+
+
+def circles(env: dict[str, str], *args: str, stdin: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the `circles` command line as a person would."""
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def unique_topic(prefix: str = "circles/tester/t") -> str:
@@ -87,18 +109,11 @@ class TestBroker:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a service process pointed at this broker."""
-        config = self.state / "empty.toml"
-        config.touch()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CIRCLES_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                                "JOURNAL_STREAM")}
-        env.update(CIRCLES_STATE_DIR=str(self.state), CIRCLES_BUS__PORT=str(self.port),
-                   CIRCLES_ENVIRONMENT="development", CIRCLES_CONFIG=str(config),
-                   CIRCLES_HEALTH__INTERVAL_S="0.5", CIRCLES_BUS__RECONNECT_MAX_S="1",
-                   CIRCLES_PANEL__PORT=str(free_port(38080)),
-                   CIRCLES_TRADE_LOGGER__METRICS_INTERVAL_S="0.5")
-        env.update(extra)
-        return env
+        return circles_env(self.state, **{
+            "CIRCLES_BUS__PORT": str(self.port), "CIRCLES_ENVIRONMENT": "development",
+            "CIRCLES_HEALTH__INTERVAL_S": "0.5", "CIRCLES_BUS__RECONNECT_MAX_S": "1",
+            "CIRCLES_PANEL__PORT": str(free_port(38080)),
+            "CIRCLES_TRADE_LOGGER__METRICS_INTERVAL_S": "0.5", **extra})
 
 
 class Collector:
@@ -172,3 +187,20 @@ class ServiceProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:
+    """Publish from `publisher` and report whether an all-seeing tester received it."""
+    watch = await Collector.start(broker, topic)
+    try:
+        try:
+            await publisher.publish(topic, b"probe", qos=1, wait=True)
+        except AuthError:
+            pass  # MQTT v5 PUBACK says so; delivery below is what counts
+        try:
+            await watch.wait(lambda ms: ms, 1.5, topic)
+            return True
+        except AssertionError:
+            return False
+    finally:
+        await watch.close()

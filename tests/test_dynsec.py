@@ -10,24 +10,7 @@ import pytest
 from appliance.bus import BrokerAddress, MqttBus, registry
 from appliance.bus.roles import acl_filters
 from appliance.errors import AuthError
-from tests.helpers import Collector, TestBroker
-
-
-async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:
-    """Publish from `publisher` and report whether an all-seeing tester received it."""
-    watch = await Collector.start(broker, topic)
-    try:
-        try:
-            await publisher.publish(topic, b"probe", qos=1, wait=True)
-        except AuthError:
-            pass  # MQTT v5 PUBACK says so; delivery below is what counts
-        try:
-            await watch.wait(lambda ms: ms, 1.5, topic)
-            return True
-        except AssertionError:
-            return False
-    finally:
-        await watch.close()
+from tests.helpers import TestBroker, delivered
 
 
 async def test_anonymous_client_is_refused(broker: TestBroker) -> None:

@@ -17,6 +17,8 @@ from sqlalchemy import text
 from appliance import db
 from appliance.ledger import Entry, Ledger, Signer
 from appliance.ledger_verify import canonical, verify_bundle
+from tests.helpers import circles as run_circles
+from tests.helpers import circles_env
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -177,16 +179,10 @@ def test_concurrent_appenders_keep_one_valid_chain(ledger: Ledger, tmp_path: Pat
 
 
 def test_cli_verify_export_and_verify_bundle(ledger: Ledger, tmp_path: Path) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCLES_")}
-    (tmp_path / "empty.toml").write_text("")
-    env.update(CIRCLES_STATE_DIR=str(tmp_path), CIRCLES_CONFIG=str(tmp_path / "empty.toml"),
-               CIRCLES_DATABASE__URL=url_of(ledger))
+    env = circles_env(tmp_path, CIRCLES_DATABASE__URL=url_of(ledger))
 
     def circles(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env,
-                              capture_output=True, text=True)
+        return run_circles(env, *args)
 
     fill(ledger)
     done = circles("ledger", "verify")

@@ -34,6 +34,7 @@ class Box:
     env: dict[str, str]
     url: str
     port: int
+    procs: list[ServiceProcess]
 
     def ledger(self) -> Ledger:
         return Ledger(db.make_engine(self.url), Signer.load_or_create(self.broker.state))
@@ -79,7 +80,7 @@ def box(broker: TestBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         while not port_open("127.0.0.1", port):
             assert time.monotonic() < deadline, procs[1].log
             time.sleep(0.1)
-        yield Box(broker, env, url, port)
+        yield Box(broker, env, url, port, procs)
     finally:
         for proc in procs:
             proc.stop()
@@ -164,3 +165,22 @@ def test_cli_simulate_import_metrics_export(box: Box, tmp_path: Path) -> None:
     assert done.returncode == 0 and "wrote 321 records" in done.stdout, done
     done = box.circles("ledger", "verify-bundle", str(bundle))
     assert done.returncode == 0 and done.stdout.startswith("ok: 321 records"), done
+
+
+def test_no_secret_reaches_a_log_line(box: Box) -> None:
+    """Runs last: every key this module made, the services' broker passwords and a key that
+    was refused must appear in no service log and in no line of the broker's log."""
+    acct = account()
+    done = box.circles("ledger", "key", "create", "--account", acct)
+    key = done.stdout.strip().splitlines()[-1]
+    wrong = "ck_" + uuid.uuid4().hex * 2
+    assert box.http("GET", f"/api/v1/metrics?account={acct}", key=wrong)[0] == 401
+    event = json.loads(next(simulated_trades(1, acct, seed=5)).model_dump_json())
+    assert box.http("POST", "/api/v1/trade_events", event, key=key)[0] == 200
+    secrets = [key, wrong] + [box.broker.password(n) for n in ("trade-logger", "panel", "cli")]
+    logs = {p.name: p.log for p in box.procs}
+    logs["mosquitto"] = (box.broker.state / "logs" / "mosquitto.log").read_text(errors="replace")
+    assert all(logs.values())
+    for name, text in logs.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret is in the log of {name}"

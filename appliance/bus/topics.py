@@ -123,6 +123,12 @@ class TopicSpec:
         return Filter(self.template.format(
             **{p: slug(values[p]) if p in values else "+" for p in self.params}))
 
+    def partial(self, **values: str) -> str:
+        """The template with the values given filled in (slugified) and the others kept as
+        `{name}`: what a device's firmware is told, to fill in itself."""
+        return self.template.format(**{p: slug(values[p]) if p in values else "{" + p + "}"
+                                       for p in self.params})
+
     def parse(self, topic: str) -> dict[str, str] | None:
         """The template's values in `topic`, or None when the topic is not of this spec."""
         found = self._regex.match(topic)

@@ -13,11 +13,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from appliance.config import CoreSettings
-from appliance.ledger import Appended, Entry, Ledger, open_ledger
-from appliance.ledger_verify import TS_FORMAT
+from appliance.ledger import Appended, Archived, Entry, Ledger, open_ledger
+from appliance.ledger_verify import TS_FORMAT, Verdict
 
 CHAIN = "audit"
 
@@ -96,3 +97,25 @@ class AuditLog:
                 continue
             yield AuditEvent(rec["seq"], rec["ts"], str(data.get("action")), str(data.get("actor")),
                              data.get("target"), str(data.get("outcome")), data.get("details") or {})
+
+    def verify(self) -> tuple[Verdict, list[tuple[Archived, Verdict]]]:
+        """The chain in the database, and each archived segment's file."""
+        return (self.ledger.verify(CHAIN),
+                [(done, self.ledger.verify_archive(done)) for done in self.ledger.archives(CHAIN)])
+
+    def archive(self, before: datetime, directory: Path, *, actor: str) -> Archived | None:
+        """Retention: move the events older than `before` into a bundle file in `directory`
+        (it verifies on its own, docs/ledger.md) and out of the database. The archiving is
+        itself an event, so the chain says what was moved where."""
+        cutoff = before.strftime(TS_FORMAT)
+        through = 0
+        for rec in self.ledger.records(CHAIN):
+            if rec["ts"] >= cutoff:
+                break
+            through = rec["seq"]
+        if not through:
+            return None
+        done = self.ledger.archive(CHAIN, through, directory)
+        self.record(ARCHIVE, actor=actor, target=done.file, first_seq=done.first_seq,
+                    through_seq=done.through_seq, sha256=done.sha256)
+        return done
