@@ -137,6 +137,9 @@ def test_cli_key_create_list_revoke(box: Box) -> None:
     key_id = next(line.split()[0] for line in listing.splitlines() if acct in line)
     assert box.circles("ledger", "key", "revoke", key_id).returncode == 0
     assert box.http("POST", "/api/v1/trade_events", event, key=key)[0] == 401
+    tail = box.circles("audit", "tail", "--action", "apikey.").stdout
+    assert "apikey.create      ok       cli:" in tail and f"{acct}  key_id={key_id} label=ea-host" in tail
+    assert "apikey.revoke      ok       cli:" in tail and key not in tail
 
 
 def test_cli_simulate_import_metrics_export(box: Box, tmp_path: Path) -> None:

@@ -240,10 +240,16 @@ def _cmd_ledger_metrics(args: argparse.Namespace) -> int:
 
 def _cmd_ledger_key(args: argparse.Namespace) -> int:
     from appliance.panel import api_keys
+    from appliance.security import audit as events
+    from appliance.security.audit import AuditLog, cli_actor
 
+    settings = load_settings()
     engine = database()
+    audit = AuditLog.open(settings)
     if args.key_command == "create":
         made, key = api_keys.create(engine, args.account, args.label or "")
+        audit.record(events.API_KEY_CREATE, actor=cli_actor(), target=made.account, key_id=made.id,
+                     label=made.label)
         print(f"API key {made.id} for account {made.account} (shown once, keep it safe):\n{key}")
     elif args.key_command == "list":
         for k in api_keys.listing(engine):
@@ -253,6 +259,7 @@ def _cmd_ledger_key(args: argparse.Namespace) -> int:
     elif not api_keys.revoke(engine, args.id):
         raise OperationalError(f"no active API key {args.id}")
     else:
+        audit.record(events.API_KEY_REVOKE, actor=cli_actor(), target=str(args.id), key_id=args.id)
         print(f"API key {args.id} revoked")
     return 0
 
