@@ -223,6 +223,43 @@ def test_an_unknown_user_gets_the_same_answer_for_the_same_work(box: Box) -> Non
     assert [f.target for f in failures] == ["alice", None, None]
 
 
+def test_a_name_without_an_account_locks_like_one_with_an_account(box: Box) -> None:
+    box.users.add("alice", PASSWORD, Role.VIEWER, actor="cli:t")
+    for name in ("alice", "mallory"):
+        results = fail(box.users, 5, name)
+        assert [r.outcome for r in results] == [Outcome.REFUSED] * 4 + [Outcome.LOCKED], name
+        assert results[-1].locked_until == box.clock.now + timedelta(minutes=15)
+    with box.engine.connect() as conn:  # the name itself is not kept
+        assert "mallory" not in str(conn.execute(text("select * from login_throttle")).all())
+
+
+def test_requests_at_once_get_no_more_guesses_than_the_threshold(box: Box) -> None:
+    """Attempts are counted before they are checked: with five still being checked, a sixth
+    is refused without a look at its password (even the right one)."""
+    class Watching(CountingHasher):
+        checked: list[str] = []
+
+        def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+            self.checked.append(str(hash))
+            return super().verify(hash, password)
+
+    box.users.add("alice", PASSWORD, Role.VIEWER, actor="cli:t")
+    users = box.again(hasher=Watching(**FAST))
+    for _ in range(5):
+        _, early = users.login._open("alice", box.clock.now, "password", None)
+        assert early is None
+    sixth = users.authenticate("alice", PASSWORD)
+    assert sixth.outcome is Outcome.LOCKED and sixth.locked_until
+    stored = users.snapshot("alice")
+    assert stored and stored.password_hash not in Watching.checked  # never looked at
+
+
+def test_an_overlong_password_is_refused_without_hashing_all_of_it(box: Box) -> None:
+    box.users.add("alice", PASSWORD, Role.VIEWER, actor="cli:t")
+    assert box.users.authenticate("alice", PASSWORD + "x" * 5000).outcome is Outcome.REFUSED
+    assert box.users.authenticate("alice", PASSWORD).ok
+
+
 # -- passwords: change, expiry, reset tokens ------------------------------------------------
 def test_first_admin_must_change_password(box: Box) -> None:
     password = box.users.ensure_first_admin(actor="cli:t")

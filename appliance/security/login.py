@@ -6,11 +6,15 @@ code)` finishes the login with a code from the app or a backup code. The TOTP st
 be reached without the password step, and the failure counter is reset only by a complete
 login, so knowing the password does not buy unlimited guesses at the code.
 
-An unknown username costs the same Argon2 work as a wrong password and gets the identical
-answer (REFUSED), so the login does not tell which names exist. Failures (password or code)
-are counted per account; at `lockout_threshold` in a row the account is locked for
-`lockout_minutes`, doubled for each further lockout in a row until a successful login.
-While locked, every attempt is answered LOCKED without the password being looked at.
+Every attempt is counted before its password or code is checked, in one locked
+transaction, so requests sent at once get no more than `lockout_threshold` guesses between
+them; at the threshold the account is locked for `lockout_minutes`, doubled for each
+further lockout in a row until a successful login. While locked, every attempt is answered
+LOCKED without the password being looked at.
+
+A name without an account goes through the same steps on its own counters (the table
+`login_throttle`, keyed by the name's SHA-256): the same Argon2 work, the same writes, and
+the same answers, REFUSED and in time LOCKED, so the login does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from sqlmodel import Session
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from appliance.errors import ValidationFailed
 from appliance.security import audit as events
-from appliance.security.passwords import hash_password, needs_rehash, verify_password
+from appliance.security.passwords import MAX_LENGTH, hash_password, needs_rehash, verify_password
 from appliance.security.permissions import TOTP_ROLES, Role
 from appliance.security.users import (
     ANONYMOUS,
     User,
+    UTCDateTime,
     canonical_username,
     digest_token,
     is_locked,
@@ -74,6 +80,20 @@ class LoginResult:
         return self.outcome is Outcome.OK
 
 
+class Throttle(SQLModel, table=True):
+    """The lockout counters of a name that has no account (migration 0004)."""
+
+    __tablename__ = "login_throttle"
+
+    key: str = Field(primary_key=True, max_length=64)
+    failed_attempts: int = 0
+    lockouts: int = 0
+    locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+Counters = User | Throttle
+
+
 class Login:
     """The login steps over the accounts of `users` (its database, audit log, clock, hasher,
     settings and TOTP)."""
@@ -99,21 +119,19 @@ class Login:
         users = self.users
         self._dummy()  # made before any lookup, so the first attempt costs the same either way
         try:
-            name: str | None = canonical_username(username)
+            name: str = canonical_username(username)
         except ValidationFailed:
-            name = None
-        user, now = users.snapshot(name), users.clock()
-        if user is None or name is None:
-            self._burn(password)
-            # The name is not recorded: people type their password into the name field.
-            users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS, outcome="refused",
-                               step="password", reason="unknown user", source=source)
-            return LoginResult(Outcome.REFUSED)
-        if is_locked(user, now):
-            self._burn(password)
-            return self._refused_while_locked(user, "password", source)
+            name = username.strip().lower()[:MAX_LENGTH]
+        now = users.clock()
+        user, early = self._open(name, now, "password", source)
+        if early:
+            self._burn(password[:MAX_LENGTH])
+            return early
+        if user is None or len(password) > MAX_LENGTH:  # no password is that long (the policy)
+            self._burn(password[:MAX_LENGTH])
+            return self._failed(name, now, "password", source)
         if not verify_password(user.password_hash, password, users.hasher):
-            return self.count_failure(name, "password", source)
+            return self._failed(name, now, "password", source)
         # The only moment the clear password is known: upgrade an old hash now.
         fresh = hash_password(password, users.hasher) if needs_rehash(user.password_hash,
                                                                       users.hasher) else None
@@ -124,10 +142,12 @@ class Login:
             if fresh:
                 user.password_hash = fresh
                 session.add(user)
-            if is_locked(user, now):  # locked by another attempt in the meantime
+            if is_locked(user, now):  # locked by other attempts in the meantime
                 session.commit()
-                return self._refused_while_locked(user, "password", source)
+                return self._refused_while_locked(user.username, user, "password", source)
             if user.totp_secret is not None:
+                # The password was right: this attempt no longer counts; the code's will.
+                user.failed_attempts = max(user.failed_attempts - 1, 0)
                 challenge = secrets.token_urlsafe(32)
                 user.login_challenge_hash = digest_token(challenge)
                 user.login_challenge_expires = now + CHALLENGE_TTL
@@ -149,18 +169,13 @@ class Login:
             name = canonical_username(username)
         except ValidationFailed:
             return LoginResult(Outcome.REFUSED)
-        user, now = users.snapshot(name), users.clock()
-        if user is None or not token_matches(user.login_challenge_hash,
-                                             user.login_challenge_expires, challenge, now):
-            users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
-                               target=name if user else None, outcome="refused", step="totp",
-                               reason="no password step", source=source)
-            return LoginResult(Outcome.REFUSED)
-        if is_locked(user, now):
-            return self._refused_while_locked(user, "totp", source)
+        now = users.clock()
+        user, early = self._open(name, now, "totp", source, challenge=challenge)
+        if early:
+            return early
         factor = users.totp.verify(name, code)
         if factor is None:
-            return self.count_failure(name, "totp", source)
+            return self._failed(name, now, "totp", source)
         with users.session() as session:
             user = users.row(session, name, lock=True)
             # Another request may have finished this login with the same challenge.
@@ -170,6 +185,99 @@ class Login:
             outcome = self._complete(session, user, now)
             session.commit()
         return self._succeeded(user, outcome, factor, source)
+
+    # -- counting attempts --------------------------------------------------------------------
+    def _counters(self, session: Session, name: str) -> tuple[User | None, Counters]:
+        """The user of `name` (locked for this transaction) and the counters its attempts go
+        to: the user's own, or, for a name without an account, its row of `login_throttle`."""
+        user = self.users.row(session, name, lock=True)
+        if user is not None:
+            return user, user
+        key = digest_token(name)
+        dialect = postgresql if session.connection().dialect.name == "postgresql" else sqlite
+        session.connection().execute(dialect.insert(Throttle).values(
+            key=key, failed_attempts=0, lockouts=0).on_conflict_do_nothing())
+        throttle = session.exec(select(Throttle).where(col(Throttle.key) == key)
+                                .with_for_update()).one()
+        return None, throttle
+
+    def _open(self, name: str, now: datetime, step: str, source: str | None, *,
+              challenge: str | None = None) -> tuple[User | None, LoginResult | None]:
+        """Begin an attempt: answer now if the name is locked (or the attempts in flight have
+        reached the threshold), else count this attempt before anything is checked. Returns
+        the user as it was (None for a name without an account) and the answer, if any. With
+        `challenge` (the TOTP step), only the user whose password step issued it may go on."""
+        threshold = self.users.settings.lockout_threshold
+        with self.users.session() as session:
+            user, counters = self._counters(session, name)
+            if challenge is not None and (user is None or not token_matches(
+                    user.login_challenge_hash, user.login_challenge_expires, challenge, now)):
+                session.rollback()
+                self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
+                                        target=name if user else None, outcome="refused",
+                                        step=step, reason="no password step", source=source)
+                return user, LoginResult(Outcome.REFUSED)
+            if not is_locked(counters, now) and counters.failed_attempts >= threshold:
+                self._lock(counters, now)  # as many attempts in flight as are allowed
+                session.add(counters)
+                session.commit()
+                return user, self._locked_now(name, counters, step, source)
+            if is_locked(counters, now):
+                session.commit()
+                return user, self._refused_while_locked(name, counters, step, source)
+            counters.failed_attempts += 1
+            session.add(counters)
+            session.commit()
+        return user, None
+
+    def _failed(self, name: str, now: datetime, step: str, source: str | None) -> LoginResult:
+        """End an attempt that failed (it was counted when it began): lock the name when the
+        failures reach the threshold. REFUSED or LOCKED."""
+        with self.users.session() as session:
+            _, counters = self._counters(session, name)
+            if is_locked(counters, now):
+                session.commit()
+                return self._refused_while_locked(name, counters, step, source)
+            attempts = counters.failed_attempts
+            locked = attempts >= self.users.settings.lockout_threshold
+            if locked:
+                self._lock(counters, now)
+            session.add(counters)
+            session.commit()
+        account = isinstance(counters, User)
+        # A name without an account is not recorded: people type their password into it.
+        self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
+                                target=name if account else None, outcome="refused", step=step,
+                                attempts=attempts, source=source,
+                                **({} if account else {"reason": "unknown user"}))
+        return self._locked_now(name, counters, step, source) if locked else LoginResult(
+            Outcome.REFUSED)
+
+    def count_failure(self, name: str, step: str, source: str | None = None) -> LoginResult:
+        """Count one failure of `name` that was checked elsewhere (a wrong current password
+        when changing it). REFUSED or LOCKED."""
+        now = self.users.clock()
+        _, early = self._open(name, now, step, source)
+        return early or self._failed(name, now, step, source)
+
+    def _lock(self, counters: Counters, now: datetime) -> None:
+        counters.lockouts += 1
+        counters.failed_attempts = 0
+        counters.locked_until = now + self.lockout_length(counters.lockouts)
+        if isinstance(counters, User):
+            counters.login_challenge_hash = counters.login_challenge_expires = None
+
+    def _locked_now(self, name: str, counters: Counters, step: str,
+                    source: str | None) -> LoginResult:
+        assert counters.locked_until is not None
+        if isinstance(counters, User):
+            self.users.audit.record(events.LOCKOUT, actor=ANONYMOUS, target=name,
+                                    outcome="locked", until=counters.locked_until.isoformat(),
+                                    lockouts=counters.lockouts, step=step, source=source)
+            log.warning("user locked after %d failed attempts",
+                        self.users.settings.lockout_threshold,
+                        extra={"user": name, "locked_until": counters.locked_until.isoformat()})
+        return LoginResult(Outcome.LOCKED, locked_until=counters.locked_until)
 
     def _complete(self, session: Session, user: User, now: datetime) -> Outcome:
         """Book a complete login on `user` and say what the panel must do next."""
@@ -194,10 +302,12 @@ class Login:
                            must_enrol_totp=role in TOTP_ROLES and user.totp_secret is None,
                            second_factor=factor)
 
-    def _refused_while_locked(self, user: User, step: str, source: str | None) -> LoginResult:
-        self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS, target=user.username,
+    def _refused_while_locked(self, name: str, counters: Counters, step: str,
+                              source: str | None) -> LoginResult:
+        self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
+                                target=name if isinstance(counters, User) else None,
                                 outcome="locked", step=step, source=source)
-        return LoginResult(Outcome.LOCKED, locked_until=user.locked_until)
+        return LoginResult(Outcome.LOCKED, locked_until=counters.locked_until)
 
     def lockout_length(self, lockouts: int) -> timedelta:
         """How long the `lockouts`-th lockout in a row lasts: 15, 30, 60 … minutes by default,
@@ -205,36 +315,3 @@ class Login:
         settings = self.users.settings
         minutes = settings.lockout_minutes * 2 ** min(max(lockouts, 1) - 1, 30)
         return timedelta(minutes=min(minutes, settings.lockout_max_minutes))
-
-    def count_failure(self, name: str, step: str, source: str | None = None) -> LoginResult:
-        """Count a failure (a wrong password or code) of `name`; at the threshold, lock the
-        account and return LOCKED, else REFUSED."""
-        users, now = self.users, self.users.clock()
-        with users.session() as session:
-            user = users.row(session, name, lock=True)
-            if user is None:
-                return LoginResult(Outcome.REFUSED)
-            if is_locked(user, now):
-                session.commit()
-                return self._refused_while_locked(user, step, source)
-            user.failed_attempts += 1
-            attempts = user.failed_attempts
-            locked = attempts >= users.settings.lockout_threshold
-            if locked:
-                user.lockouts += 1
-                user.failed_attempts = 0
-                user.locked_until = now + self.lockout_length(user.lockouts)
-                user.login_challenge_hash = user.login_challenge_expires = None
-            session.add(user)
-            session.commit()
-        users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS, target=name, outcome="refused",
-                           step=step, attempts=attempts, source=source)
-        if not locked:
-            return LoginResult(Outcome.REFUSED)
-        assert user.locked_until is not None
-        users.audit.record(events.LOCKOUT, actor=ANONYMOUS, target=name, outcome="locked",
-                           until=user.locked_until.isoformat(), lockouts=user.lockouts,
-                           source=source)
-        log.warning("user locked after %d failed attempts", attempts,
-                    extra={"user": name, "locked_until": user.locked_until.isoformat()})
-        return LoginResult(Outcome.LOCKED, locked_until=user.locked_until)

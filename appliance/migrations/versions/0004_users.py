@@ -1,5 +1,5 @@
-"""People who log in to the panel: users (password hash, role, lockout, TOTP) and their
-single-use TOTP backup codes.
+"""People who log in to the panel: users (password hash, role, lockout, TOTP), their
+single-use TOTP backup codes, and the lockout counters of names without an account.
 
 Revision ID: 0004
 Revises: 0003
@@ -49,9 +49,19 @@ def upgrade() -> None:
         sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
     )
     op.create_index("ix_user_backup_codes_user", "user_backup_codes", ["user_id"])
+    # The same lockout counters for names that have no account (keyed by the SHA-256 of the
+    # name), so that a login answers an unknown name exactly as it answers a wrong password.
+    op.create_table(
+        "login_throttle",
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("failed_attempts", sa.Integer, nullable=False),
+        sa.Column("lockouts", sa.Integer, nullable=False),
+        sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("login_throttle")
     op.drop_index("ix_user_backup_codes_user", "user_backup_codes")
     op.drop_table("user_backup_codes")
     op.drop_table("users")
