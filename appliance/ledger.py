@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +29,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from appliance.config import CoreSettings
 from appliance.db import open_database
+from appliance.errors import OperationalError
+from appliance.files import private_dir, write_atomically
 from appliance.ledger_verify import (
     FORMAT,
     GENESIS,
@@ -84,17 +86,14 @@ class Signer:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             assert isinstance(key, Ed25519PrivateKey)
             return cls(key)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:  # whole or not at all, and only once: the key signs everything after
+            write_atomically(path, lambda out: out.write(pem), exclusive=True)
         except FileExistsError:  # another process made it first
-            time.sleep(0.1)
             return cls.load_or_create(state_dir)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
         signer = cls(key)
         path.with_suffix(".pub").write_text(base64.b64encode(signer.public_key).decode() + "\n")
         return signer
@@ -142,31 +141,34 @@ class Ledger:
     def append(self, chain: str, entries: Sequence[Entry]) -> list[Appended]:
         """Append in one transaction; the result is per entry, in order."""
         with self.engine.begin() as conn:
-            seq, prev = self._lock_head(conn, chain)
-            known = self._known_keys(conn, chain, [e.key for e in entries if e.key])
-            rows, result = [], []
-            now = now_iso()
-            for entry in entries:
-                if entry.key and entry.key in known:
-                    result.append(known[entry.key])
-                    continue
-                seq += 1
-                ts = entry.ts or now
-                data = canonical(entry.data)
-                link, prev = prev, chained_hash(prev, chain, seq, ts, data)
-                rows.append((chain, seq, ts, entry.key, data.decode(), link, prev))
-                appended = Appended(seq, prev)
-                if entry.key:
-                    known[entry.key] = Appended(seq, prev, duplicate=True)
-                result.append(appended)
-            if rows:
-                mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-                # The driver's executemany with tuples: this runs for every record stored.
-                conn.exec_driver_sql(f"INSERT INTO ledger_records ({_RECORD_COLUMNS}) VALUES "
-                                     f"({', '.join([mark] * 7)})", rows)
-                conn.execute(heads.update().where(heads.c.chain == chain)
-                             .values(seq=seq, hash=prev))
-                self._maybe_checkpoint(conn, chain, seq, prev)
+            return self._append(conn, chain, entries)
+
+    def _append(self, conn: Connection, chain: str, entries: Sequence[Entry]) -> list[Appended]:
+        seq, prev = self._lock_head(conn, chain)
+        known = self._known_keys(conn, chain, [e.key for e in entries if e.key])
+        rows, result = [], []
+        now = now_iso()
+        for entry in entries:
+            if entry.key and entry.key in known:
+                result.append(known[entry.key])
+                continue
+            seq += 1
+            ts = entry.ts or now
+            data = canonical(entry.data)
+            link, prev = prev, chained_hash(prev, chain, seq, ts, data)
+            rows.append((chain, seq, ts, entry.key, data.decode(), link, prev))
+            appended = Appended(seq, prev)
+            if entry.key:
+                known[entry.key] = Appended(seq, prev, duplicate=True)
+            result.append(appended)
+        if rows:
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            # The driver's executemany with tuples: this runs for every record stored.
+            conn.exec_driver_sql(f"INSERT INTO ledger_records ({_RECORD_COLUMNS}) VALUES "
+                                 f"({', '.join([mark] * 7)})", rows)
+            conn.execute(heads.update().where(heads.c.chain == chain)
+                         .values(seq=seq, hash=prev))
+            self._maybe_checkpoint(conn, chain, seq, prev)
         return result
 
     def checkpoint(self, chain: str) -> dict[str, Any] | None:
@@ -240,9 +242,10 @@ class Ledger:
         with self.engine.connect() as conn:
             query = (select(records.c.seq, records.c.ts, records.c.data, records.c.prev_hash,
                             records.c.hash)
-                     .where(records.c.chain == chain, records.c.seq > since,
-                            records.c.seq <= (through if through is not None else 2**62))
+                     .where(records.c.chain == chain, records.c.seq > since)
                      .order_by(records.c.seq).execution_options(yield_per=2000))
+            if through is not None:
+                query = query.where(records.c.seq <= through)
             for row in conn.execute(query):
                 try:
                     data = json.loads(row.data)
@@ -267,8 +270,14 @@ class Ledger:
 
     def first_seq(self, chain: str) -> int:
         """The seq the records in the database start at: 1, or after the last archive."""
-        done = self.archives(chain)
-        return done[-1].through_seq + 1 if done else 1
+        with self.engine.connect() as conn:
+            return self._first_seq(conn, chain)
+
+    @staticmethod
+    def _first_seq(conn: Connection, chain: str) -> int:
+        last = conn.execute(select(func.max(archives.c.through_seq))
+                            .where(archives.c.chain == chain)).scalar()
+        return int(last) + 1 if last else 1
 
     def verify(self, chain: str) -> Verdict:
         """Check the chain in the database; `first_bad_seq` names the first record that is
@@ -276,23 +285,48 @@ class Ledger:
         return verify_records(chain, self.records(chain), self.checkpoints(chain),
                               self.signer.public_key, first_seq=self.first_seq(chain))
 
-    def verify_archive(self, done: Archived) -> Verdict:
-        """Check an archived segment's file: it verifies on its own with this box's key, holds
-        exactly the records that were archived, and is byte for byte the file written then.
-        A file moved elsewhere is reported in the notes, not as a failure."""
+    def verify_archives(self, chain: str, *, search: Path | None = None,
+                        allow_missing: bool = False) -> list[tuple[Archived, Verdict]]:
+        """Check every archived segment of `chain`: together they run from seq 1 without a gap
+        up to where the database resumes, each file verifies on its own with this box's key,
+        holds exactly the records archived, joins the segment before it, and is byte for byte
+        the file written then. A file is looked for where it was written, then in `search`
+        (where archives were moved); a missing file fails unless `allow_missing`."""
+        checked: list[tuple[Archived, Verdict]] = []
+        expected, anchor = 1, GENESIS
+        for done in self.archives(chain):
+            verdict = self._verify_segment(done, expected, anchor, search, allow_missing)
+            checked.append((done, verdict))
+            expected, anchor = done.through_seq + 1, done.hash
+        return checked
+
+    def _verify_segment(self, done: Archived, expected: int, anchor: str, search: Path | None,
+                        allow_missing: bool) -> Verdict:
+        if done.first_seq != expected:
+            return Verdict().fail(expected, f"no archive holds seq {expected}..{done.first_seq - 1}")
         path = Path(done.file)
+        if not path.is_file() and search is not None:
+            path = search / path.name
         if not path.is_file():
-            return Verdict(first_seq=done.first_seq,
-                           notes=[f"{path} is not here (moved off the box?): not checked"])
+            verdict = Verdict(first_seq=done.first_seq)
+            reason = f"{done.file} is missing (moved? give its folder with --archive-dir)"
+            if allow_missing:
+                verdict.notes.append(reason + ": not checked")
+                return verdict
+            return verdict.fail(done.first_seq, reason)
+        digest = hashlib.sha256()
+        with open(path, "rb") as raw:
+            while chunk := raw.read(1 << 20):
+                digest.update(chunk)
         with open(path, encoding="utf-8") as lines:
             verdict = verify_bundle(lines, self.signer.public_key)
         if not verdict.ok:
             return verdict
-        if (verdict.first_seq, verdict.first_seq + verdict.records - 1, verdict.head_hash) != (
-                done.first_seq, done.through_seq, done.hash):
+        if (verdict.first_seq, verdict.first_seq + verdict.records - 1, verdict.anchor_hash,
+                verdict.head_hash) != (done.first_seq, done.through_seq, anchor, done.hash):
             return verdict.fail(done.first_seq, f"{path} does not hold seq {done.first_seq}.."
                                 f"{done.through_seq} as archived")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != done.sha256:
+        if digest.hexdigest() != done.sha256:
             return verdict.fail(None, f"{path} changed since it was archived (sha256 differs)")
         return verdict
 
@@ -302,11 +336,20 @@ class Ledger:
         self.checkpoint(chain)
         return self._write_bundle(chain, out, self.records(chain), self.checkpoints(chain))
 
-    def archive(self, chain: str, through_seq: int, directory: Path) -> Archived:
+    def last_seq_before(self, chain: str, ts: str) -> int:
+        """The last seq in the database appended before the time `ts` (TS_FORMAT); 0 if none."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(records.c.seq)).where(
+                records.c.chain == chain, records.c.ts < ts)).scalar() or 0)
+
+    def archive(self, chain: str, through_seq: int, directory: Path, *,
+                note: Callable[[Archived], dict[str, Any]] | None = None) -> Archived:
         """Move the records up to `through_seq` into a bundle file in `directory` that
         verifies on its own, then delete them from the database. The chain in the database
         then starts with an anchor: the signed checkpoint at `through_seq`, which is kept.
-        (Records are never changed once written, so appenders can go on meanwhile.)"""
+        `note(archived)`, if given, makes an entry appended to the chain in the same
+        transaction as the deletion, so the chain itself says what was moved where. Records never change once
+        written, so appenders go on meanwhile; two archivings at once: one of them fails."""
         first = self.first_seq(chain)
         head, _ = self.head(chain)
         if not first <= through_seq <= head:
@@ -317,28 +360,37 @@ class Ledger:
             if not conn.execute(select(checkpoints.c.seq).where(
                     checkpoints.c.chain == chain, checkpoints.c.seq == through_seq)).first():
                 self._sign(conn, chain, through_seq, hash_)
+        directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{chain.replace(':', '_')}-{first:012d}-{through_seq:012d}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        digest = hashlib.sha256()
         with open(tmp, "w", encoding="utf-8") as out:
-            self._write_bundle(chain, out, self.records(chain, through=through_seq),
+            self._write_bundle(chain, _Hashing(out, digest), self.records(chain, through=through_seq),
                                [cp for cp in self.checkpoints(chain) if cp["seq"] <= through_seq])
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        done = Archived(chain, first, through_seq, hash_, str(path), digest, now_iso())
-        with self.engine.begin() as conn:
-            conn.execute(archives.insert().values(
-                chain=chain, through_seq=through_seq, first_seq=first, hash=hash_,
-                file=done.file, sha256=digest, archived_at=done.archived_at))
-            conn.execute(records.delete().where(records.c.chain == chain,
-                                                records.c.seq <= through_seq))
-            conn.execute(checkpoints.delete().where(checkpoints.c.chain == chain,
-                                                    checkpoints.c.seq < through_seq))
+        done = Archived(chain, first, through_seq, hash_, str(path), digest.hexdigest(), now_iso())
+        try:
+            with self.engine.begin() as conn:
+                self._lock_head(conn, chain)
+                if self._first_seq(conn, chain) != first:
+                    raise OperationalError(f"{chain}: archived by someone else meanwhile")
+                os.replace(tmp, path)
+                conn.execute(archives.insert().values(
+                    chain=chain, through_seq=through_seq, first_seq=first, hash=hash_,
+                    file=done.file, sha256=done.sha256, archived_at=done.archived_at))
+                conn.execute(records.delete().where(records.c.chain == chain,
+                                                    records.c.seq <= through_seq))
+                conn.execute(checkpoints.delete().where(checkpoints.c.chain == chain,
+                                                        checkpoints.c.seq < through_seq))
+                if note is not None:
+                    self._append(conn, chain, [Entry(note(done))])
+        finally:
+            tmp.unlink(missing_ok=True)
         return done
 
-    def _write_bundle(self, chain: str, out: IO[str], rows: Iterator[dict[str, Any]],
+    def _write_bundle(self, chain: str, out: _Writer, rows: Iterator[dict[str, Any]],
                       signed_at: list[dict[str, Any]]) -> int:
         """Header, then the anchor (the checkpoint just before the first record, when older
         records were archived), then each record followed by the checkpoints at its seq."""
@@ -363,6 +415,21 @@ class Ledger:
                 line("checkpoint", cp)
             count += 1
         return count
+
+
+class _Writer(Protocol):
+    def write(self, text: str, /) -> int: ...
+
+
+class _Hashing:
+    """A text stream that also feeds what is written, as UTF-8, to a digest."""
+
+    def __init__(self, out: IO[str], digest: Any) -> None:
+        self.out, self.digest = out, digest
+
+    def write(self, text: str) -> int:
+        self.digest.update(text.encode())
+        return self.out.write(text)
 
 
 def open_ledger(settings: CoreSettings, **options: Any) -> Ledger:

@@ -99,6 +99,7 @@ class Verdict:
     first_bad_seq: int | None = None
     reason: str = ""
     first_seq: int = 1  # > 1 when older records were archived
+    anchor_hash: str = GENESIS  # the prev_hash of the first record
     head_hash: str = GENESIS  # of the last record checked
     notes: list[str] = field(default_factory=list)
 
@@ -128,7 +129,7 @@ def verify_records(chain: str, records: Iterable[dict[str, Any]],
     hashes: dict[int, str] = {}
     anchored = first_seq == 1 or first is None
     if not anchored and first is not None:
-        prev = hashes[first_seq - 1] = str(first.get("prev_hash"))
+        prev = hashes[first_seq - 1] = verdict.anchor_hash = str(first.get("prev_hash"))
     for rec in itertools.chain([first] if first else [], items):
         seq = rec.get("seq")
         if seq != expected:
@@ -167,6 +168,9 @@ def verify_records(chain: str, records: Iterable[dict[str, Any]],
     if not anchored:
         return verdict.fail(first_seq, f"the records start at seq {first_seq} but no signed "
                                        f"checkpoint vouches for seq {first_seq - 1}")
+    if first_seq > 1:
+        verdict.notes.append(f"records before seq {first_seq} are not here (archived): they are "
+                             "checked in their own bundle")
     if verdict.records and verdict.signed_through < expected - 1:
         verdict.notes.append(f"records after seq {verdict.signed_through} are not yet signed")
     return verdict
@@ -215,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.bundle, encoding="utf-8") as handle:
         verdict = verify_bundle(handle, key)
     if verdict.ok:
-        print(f"ok: {verdict.records} records, {verdict.checkpoints} signed checkpoints, "
-              f"signed through seq {verdict.signed_through}")
+        last = verdict.first_seq + verdict.records - 1
+        print(f"ok: {verdict.records} records (seq {verdict.first_seq}..{last}), "
+              f"{verdict.checkpoints} signed checkpoints, signed through seq {verdict.signed_through}")
         for note in verdict.notes:
             print(f"note: {note}")
         return 0

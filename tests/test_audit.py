@@ -112,7 +112,8 @@ def test_archiving_moves_old_events_to_a_file_that_verifies(tmp_path: Path,
     assert verdict.ok and verdict.first_seq == 11 and verdict.records == 6, verdict  # + the archiving
     assert [s.ok for _, s in segments] == [True]
     (last,) = log.events(action=events.ARCHIVE)
-    assert last.details["through_seq"] == 10 and last.target == done.file
+    assert last.details == {"first_seq": 1, "through_seq": 10, "sha256": done.sha256}
+    assert last.target == done.file and last.seq == 16
 
     # A second segment starts where the first ended and verifies alone, anchored by the
     # signed checkpoint at the seq before it.
@@ -131,14 +132,78 @@ def test_a_changed_archive_or_a_deleted_record_after_it_fails_verify(tmp_path: P
     done = log.archive(datetime(2021, 1, 1, tzinfo=UTC), tmp_path / "archive", actor="cli:root")
     assert done
     path = Path(done.file)
-    path.write_text(path.read_text().replace("user:old3", "user:mallory"))
+    original = path.read_text()
+    path.write_text(original.replace("user:old3", "user:mallory"))
     out = _cli(tmp_path, "audit", "verify")
     assert out.returncode == 1 and "FAILED at seq 4" in out.stdout
+    path.write_text(original)
 
     with sqlite3.connect(tmp_path / "circles.db") as db:
         db.execute("DELETE FROM ledger_records WHERE chain = ? AND seq = 7", (CHAIN,))
     verdict, _ = log.verify()
     assert not verdict.ok and verdict.first_bad_seq == 7
+
+
+def test_an_archive_file_that_is_gone_fails_unless_allowed_or_found(tmp_path: Path,
+                                                                    log: AuditLog) -> None:
+    _old_and_new(log, 6, 2)
+    done = log.archive(datetime(2021, 1, 1, tzinfo=UTC), tmp_path / "archive", actor="cli:root")
+    assert done
+    elsewhere = tmp_path / "backup"
+    elsewhere.mkdir()
+    Path(done.file).rename(elsewhere / Path(done.file).name)
+    out = _cli(tmp_path, "audit", "verify")
+    assert out.returncode == 1 and "is missing" in out.stdout
+    allowed = _cli(tmp_path, "audit", "verify", "--allow-missing")
+    assert allowed.returncode == 0 and "not checked" in allowed.stdout
+    found = _cli(tmp_path, "audit", "verify", "--archive-dir", str(elsewhere))
+    assert found.returncode == 0, found.stdout
+
+
+def test_deleting_the_oldest_records_behind_a_forged_archive_fails(tmp_path: Path,
+                                                                   log: AuditLog) -> None:
+    """Someone with the database but not the signing key removes seq 1..5 and records an
+    "archive" of them: the file it names does not exist, or, made from other records, does
+    not verify against the box's key and the archived hash."""
+    _old_and_new(log, 0, 12)
+    log.ledger.checkpoint(CHAIN)
+    with sqlite3.connect(tmp_path / "circles.db") as db:
+        (hash5,) = db.execute("SELECT hash FROM ledger_records WHERE chain = ? AND seq = 5",
+                              (CHAIN,)).fetchone()
+        db.execute("INSERT INTO ledger_checkpoints SELECT chain, 5, hash, ts, signature FROM "
+                   "ledger_checkpoints WHERE chain = ? LIMIT 1", (CHAIN,))
+        db.execute("DELETE FROM ledger_records WHERE chain = ? AND seq <= 5", (CHAIN,))
+        db.execute("INSERT INTO ledger_archives VALUES (?, 5, 1, ?, ?, ?, '2020')",
+                   (CHAIN, hash5, str(tmp_path / "nowhere.jsonl"), "0" * 64))
+    out = _cli(tmp_path, "audit", "verify")
+    assert out.returncode == 1 and "FAILED" in out.stdout
+
+
+def test_an_archive_row_that_leaves_a_gap_fails(tmp_path: Path, log: AuditLog) -> None:
+    _old_and_new(log, 6, 4)
+    done = log.archive(datetime(2021, 1, 1, tzinfo=UTC), tmp_path / "archive", actor="cli:root")
+    assert done
+    with sqlite3.connect(tmp_path / "circles.db") as db:
+        db.execute("UPDATE ledger_archives SET first_seq = 3 WHERE chain = ?", (CHAIN,))
+    _, segments = log.verify()
+    assert [(s.ok, s.first_bad_seq) for _, s in segments] == [(False, 1)]
+
+
+def test_a_bundle_cut_at_a_checkpoint_says_what_it_does_not_hold(tmp_path: Path,
+                                                                 log: AuditLog) -> None:
+    _old_and_new(log, 0, 9)
+    log.ledger.checkpoint(CHAIN)
+    _old_and_new(log, 0, 3)
+    out = tmp_path / "audit.jsonl"
+    assert _cli(tmp_path, "ledger", "export", "--chain", CHAIN, "--out", str(out)).returncode == 0
+    lines = out.read_text().splitlines()
+    first_checkpoint = next(i for i, line in enumerate(lines) if '"seq":9' in line
+                            and '"type":"checkpoint"' in line)
+    cut = [lines[0]] + lines[first_checkpoint:]
+    out.write_text("\n".join(cut) + "\n")
+    checked = _cli(tmp_path, "ledger", "verify-bundle", str(out))
+    assert checked.returncode == 0  # intact as far as it goes, and it says how far that is
+    assert "(seq 10..12)" in checked.stdout and "records before seq 10 are not here" in checked.stdout
 
 
 def test_records_deleted_from_the_start_without_an_archive_are_detected(tmp_path: Path,

@@ -18,7 +18,8 @@ def _audit() -> Any:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    verdict, segments = _audit().verify()
+    verdict, segments = _audit().verify(archive_dir=args.archive_dir,
+                                        allow_missing=args.allow_missing)
     failed = 0
     for done, check in segments:
         state = "ok" if check.ok else f"FAILED at seq {check.first_bad_seq}: {check.reason}"
@@ -76,6 +77,10 @@ def add_commands(sub: Any) -> None:
     aud = sub.add_parser("audit", help="the tamper-evident audit log")
     asub = aud.add_subparsers(dest="audit_command", required=True)
     verify = asub.add_parser("verify", help="check the audit chain and its archived segments")
+    verify.add_argument("--archive-dir", type=Path,
+                        help="where archive files are now, if they were moved off the box")
+    verify.add_argument("--allow-missing", action="store_true",
+                        help="report an archive file that cannot be found instead of failing")
     verify.set_defaults(func=_cmd_verify)
     tail = asub.add_parser("tail", help="the latest audit events")
     tail.add_argument("--user", help="events by or about this user (or actor, e.g. cli:root)")

@@ -100,24 +100,22 @@ class AuditLog:
             yield AuditEvent(rec["seq"], rec["ts"], str(data.get("action")), str(data.get("actor")),
                              data.get("target"), str(data.get("outcome")), data.get("details") or {})
 
-    def verify(self) -> tuple[Verdict, list[tuple[Archived, Verdict]]]:
-        """The chain in the database, and each archived segment's file."""
+    def verify(self, *, archive_dir: Path | None = None, allow_missing: bool = False
+               ) -> tuple[Verdict, list[tuple[Archived, Verdict]]]:
+        """The chain in the database, and each archived segment's file (looked for where it
+        was written, then in `archive_dir`; missing fails unless `allow_missing`)."""
         return (self.ledger.verify(CHAIN),
-                [(done, self.ledger.verify_archive(done)) for done in self.ledger.archives(CHAIN)])
+                self.ledger.verify_archives(CHAIN, search=archive_dir, allow_missing=allow_missing))
 
     def archive(self, before: datetime, directory: Path, *, actor: str) -> Archived | None:
         """Retention: move the events older than `before` into a bundle file in `directory`
         (it verifies on its own, docs/ledger.md) and out of the database. The archiving is
-        itself an event, so the chain says what was moved where."""
-        cutoff = before.strftime(TS_FORMAT)
-        through = 0
-        for rec in self.ledger.records(CHAIN):
-            if rec["ts"] >= cutoff:
-                break
-            through = rec["seq"]
+        itself an event, written in the same transaction, so the chain says what was moved
+        where."""
+        through = self.ledger.last_seq_before(CHAIN, before.strftime(TS_FORMAT))
         if not through:
             return None
-        done = self.ledger.archive(CHAIN, through, directory)
-        self.record(ARCHIVE, actor=actor, target=done.file, first_seq=done.first_seq,
-                    through_seq=done.through_seq, sha256=done.sha256)
-        return done
+        return self.ledger.archive(CHAIN, through, directory, note=lambda done: {
+            "action": ARCHIVE, "actor": actor, "target": done.file, "outcome": "ok",
+            "details": {"first_seq": done.first_seq, "through_seq": done.through_seq,
+                        "sha256": done.sha256}})
