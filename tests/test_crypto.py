@@ -213,6 +213,15 @@ def test_keyring_file_is_private_and_reloads(tmp_path: Path) -> None:
     assert again.decrypt(blob, b"") == b"x"
 
 
+def test_a_keyring_left_readable_to_others_is_made_private_on_load(tmp_path: Path) -> None:
+    keyring = Keyring.load_or_create(tmp_path)
+    path = keyring_path(tmp_path)
+    path.parent.chmod(0o755)  # as made by hand, or by an older version
+    path.chmod(0o644)
+    assert Keyring.load_or_create(tmp_path).ids == keyring.ids
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_rotation_keeps_old_data_readable_and_new_data_uses_the_new_key(tmp_path: Path) -> None:
     keyring = Keyring.load_or_create(tmp_path)
     elsewhere = Keyring.load_or_create(tmp_path)  # another process, loaded before the rotation

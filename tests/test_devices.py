@@ -18,7 +18,7 @@ from appliance.config import CoreSettings
 from appliance.errors import AuthError
 from appliance.security import audit as events
 from appliance.security.audit import AuditLog
-from appliance.security.devices import Device, DeviceError, Devices
+from appliance.security.devices import Device, DeviceError, Devices, Endpoint, write_device_file
 from appliance.security.secrets import SecretStore, read_secret
 from tests.helpers import TestBroker, circles, circles_env, delivered
 
@@ -149,10 +149,27 @@ async def test_the_cli_writes_the_files_the_devices_read(broker: TestBroker, tmp
     assert "InpPort=1883" in lines and "InpTls=false" in lines
     assert f"InpPassword={read_secret(client_secret(ea), broker.state)}" in lines
 
+    observer = _name("watcher")
+    refused = await asyncio.to_thread(circles, env, "device", "add", observer, "--kind", "observer",
+                                      "--out", str(tmp_path / "o.json"))
+    assert refused.returncode == 1 and "--out is for esp32 and mt5" in refused.stderr
+
     listed = await asyncio.to_thread(circles, env, "device", "list")
     assert f"esp32          {node}" in listed.stdout and f"mt5            {ea}" in listed.stdout
+    assert observer not in listed.stdout  # refused before the device was made
     gone = await asyncio.to_thread(circles, env, "device", "remove", ea)
     assert gone.returncode == 0 and "removed" in gone.stdout
     tls = await asyncio.to_thread(circles, env, "device", "add", _name("n"), "--kind", "esp32",
                                   "--out", str(tmp_path / "c.json"), "--tls")
     assert tls.returncode == 1 and "CA certificate" in tls.stderr
+
+
+def test_a_device_file_replaces_a_symlink_rather_than_writing_through_it(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not yours\n")
+    out = tmp_path / "config.json"
+    out.symlink_to(target)
+    write_device_file(Device("porch", "esp32", "pw"), Endpoint("127.0.0.1", 1883), out)
+    assert target.read_text() == "not yours\n"
+    assert not out.is_symlink() and out.stat().st_mode & 0o777 == 0o600
+    assert json.loads(out.read_text())["broker"]["password"] == "pw"

@@ -212,6 +212,16 @@ def test_audit_records_names_never_values(tmp_path: Path, caplog: pytest.LogCapt
     assert VALUE not in line and admin not in line and "oops *** ***" in line
 
 
+def test_a_secret_this_process_creates_cannot_reach_its_log_lines(tmp_path: Path) -> None:
+    created = ensure_secret("made-here", tmp_path)  # new and random: never read back
+    given = "typed-in-by-hand-5e1f0c"
+    SecretStore.open(tmp_path).set("set-here", given)
+    slip = logging.LogRecord("circles", logging.ERROR, __file__, 1, "oops %s %s",
+                             (created, given), None)
+    line = JsonFormatter().format(slip)
+    assert created not in line and given not in line and "oops *** ***" in line
+
+
 def test_reprs_and_errors_carry_no_value(store: SecretStore, tmp_path: Path) -> None:
     store.set("a", VALUE)
     shown = [repr(store), str(store), repr(store.keyring)]

@@ -24,7 +24,7 @@ from appliance.security.permissions import Role
 from appliance.security.totp import Factor, TotpError, match_step
 from appliance.security.users import Users
 from tests.helpers import circles, circles_env
-from tests.test_users import PASSWORD, Box, fail, make_box
+from tests.test_users import FAST, PASSWORD, Box, fail, make_box
 
 
 @pytest.fixture
@@ -258,6 +258,34 @@ def test_keys_reencrypt_moves_totp_secrets_to_the_current_key(box: Box) -> None:
         blob = conn.execute(text("select totp_secret from users")).scalar_one()
     assert keyring.key_id_of(blob) == keyring.current_id != old
     assert box.users.totp.verify("alice", at_step(box, app, 0)) is Factor.TOTP
+
+
+class KeysReencryptedMeanwhile(PasswordHasher):
+    """Argon2, with `circles keys rotate` and `circles keys reencrypt` run by another process
+    during the first hash: while `confirm_enrolment` hashes the new backup codes, between its
+    read of the pending secret and its write."""
+
+    def __init__(self, box: Box) -> None:
+        super().__init__(**FAST)
+        self.box, self.done = box, False
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        if not self.done:
+            self.done = True
+            other = self.box.again()
+            assert other.totp.keyring
+            other.totp.keyring.rotate()
+            assert other.totp.rewrap_secrets() == 1  # the pending secret, under the new key
+        return super().hash(password, salt=salt)
+
+
+def test_an_enrolment_survives_keys_reencrypt_while_it_is_confirmed(box: Box) -> None:
+    box.users.add("alice", PASSWORD, Role.OPERATOR, actor="cli:t")
+    app = pyotp.TOTP(secret_of(box.users.totp.begin_enrolment("alice").uri))
+    users = box.again(hasher=KeysReencryptedMeanwhile(box))
+    assert len(users.totp.confirm_enrolment("alice", app.at(box.clock.now))) == 10
+    box.clock.advance(minutes=5)
+    assert box.users.totp.verify("alice", app.at(box.clock.now)) is Factor.TOTP
 
 
 def test_a_backup_code_used_by_two_requests_at_once_works_once(box: Box) -> None:

@@ -35,11 +35,14 @@ def _devices(work: Any) -> Any:
 
 def _cmd_add(args: argparse.Namespace) -> int:
     from appliance.security.audit import cli_actor
-    from appliance.security.devices import Endpoint, lan_address, write_device_file
+    from appliance.security.devices import Endpoint, device_file, lan_address, write_device_file
 
-    # Checked before the device exists, so a bad --ca-file leaves nothing half made.
-    endpoint = Endpoint(args.host or lan_address(), args.port or (8883 if args.tls else 1883),
-                        args.tls, args.ca_file) if args.out else None
+    # Checked before the device exists, so a bad --out or --ca-file leaves nothing half made.
+    endpoint = None
+    if args.out:
+        device_file(args.kind)
+        endpoint = Endpoint(args.host or lan_address(), args.port or (8883 if args.tls else 1883),
+                            args.tls, args.ca_file)
     device = _devices(lambda devices: devices.add(args.name, args.kind, actor=cli_actor()))
     print(f"device {device.name} ({device.kind}) added; it may connect now")
     if endpoint and args.out:

@@ -15,13 +15,10 @@ constant memory, under the same keyring.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
 import secrets as _random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import CirclesError, OperationalError
+from appliance.files import flocked, private_dir, tighten, write_atomically
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -100,10 +98,15 @@ class Keyring:
         path = keyring_path(state_dir)
         for _ in range(3):
             try:
-                return cls._parse(path.read_bytes(), path)
+                raw = path.read_bytes()
             except FileNotFoundError:
                 pass
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            else:
+                # Made by hand or by an older version: nobody else may read the keys.
+                tighten(path.parent, 0o700)
+                tighten(path, 0o600)
+                return cls._parse(raw, path)
+            private_dir(path.parent)
             first = KeyInfo(_new_id(set()), _now(), _random.token_bytes(KEY_BYTES))
             keyring = cls([first], first.id, path=path)
             if keyring._save(exclusive=True):
@@ -142,15 +145,6 @@ class Keyring:
         fresh = self._parse(self.path.read_bytes(), self.path, read_only=self.read_only)
         self._keys, self._current = fresh._keys, fresh._current
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.path.with_name("keyring.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
     # -- keys -------------------------------------------------------------------------------
     @property
     def ids(self) -> list[str]:
@@ -171,7 +165,7 @@ class Keyring:
             raise OperationalError(f"keyring: {self.path} comes from systemd "
                                    "credentials and is read-only; rotate the keyring where it is "
                                    "provisioned")
-        with self._locked():
+        with flocked(self.path.with_name("keyring.lock")):
             self.reload()  # under the lock, so two rotations both land
             new = KeyInfo(_new_id(set(self._keys)), _now(), _random.token_bytes(KEY_BYTES))
             self._keys[new.id] = new
@@ -375,27 +369,6 @@ def decrypt_file(src: Path, dst: Path, keyring: Keyring, aad: bytes) -> int:
         return write_atomically(dst, lambda out: decrypt_stream(source, out, keyring, aad))
 
 
-def write_atomically(dst: Path, write: Callable[[BinaryIO], int], *,
-                      exclusive: bool = False) -> int:
-    """Write a temporary file (0600) next to `dst`, fsync it, then rename it over `dst` (with
-    `exclusive`, link it, failing with FileExistsError if `dst` exists): a reader sees the old
-    file or the whole new one, never a part."""
-    tmp = dst.with_name(f".{dst.name}.{_random.token_hex(4)}.tmp")
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-            count = write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        if exclusive:
-            os.link(tmp, dst)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(dst.parent)
-    return count
-
-
 def _new_id(taken: set[str]) -> str:
     # Random, not k1/k2/…: a keyring made afresh can never reuse an id of a lost one, so old
     # data then fails with "unknown key id" rather than a puzzling authentication failure.
@@ -408,11 +381,3 @@ def _new_id(taken: set[str]) -> str:
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk too.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ from appliance.bus import registry
 from appliance.bus.admin import CLI_CLIENT, BrokerAdmin, client_secret
 from appliance.bus.broker import ADMIN_USER
 from appliance.bus.roles import role_name
-from appliance.errors import CirclesError, OperationalError
+from appliance.errors import CirclesError
+from appliance.files import write_atomically
 from appliance.security import audit as events
 
 if TYPE_CHECKING:
@@ -156,16 +158,30 @@ def mt5_inputs(device: Device, endpoint: Endpoint) -> str:
     return "".join(f"{k}={v}\r\n" for k, v in values.items())
 
 
+def _esp32_file(device: Device, endpoint: Endpoint) -> bytes:
+    return (json.dumps(esp32_config(device, endpoint), indent=2) + "\n").encode()
+
+
+def _mt5_file(device: Device, endpoint: Endpoint) -> bytes:
+    return b"\xff\xfe" + mt5_inputs(device, endpoint).encode("utf-16-le")  # MT5 presets: UTF-16
+
+
+# The kinds that read a file made by `circles device add --out`, and how it is made.
+DEVICE_FILES: dict[str, Callable[[Device, Endpoint], bytes]] = {"esp32": _esp32_file,
+                                                               "mt5": _mt5_file}
+
+
+def device_file(kind: str) -> Callable[[Device, Endpoint], bytes]:
+    """What makes the file a device of `kind` reads; DeviceError for a kind that reads none."""
+    if kind not in DEVICE_FILES:
+        raise DeviceError(f"--out is for {' and '.join(DEVICE_FILES)} devices, not {kind}")
+    return DEVICE_FILES[kind]
+
+
 def write_device_file(device: Device, endpoint: Endpoint, out: Path) -> None:
-    """Write the file the device reads (0600: it holds the password)."""
-    if device.kind == "esp32":
-        data = (json.dumps(esp32_config(device, endpoint), indent=2) + "\n").encode()
-    elif device.kind == "mt5":
-        data = b"\xff\xfe" + mt5_inputs(device, endpoint).encode("utf-16-le")  # MT5 presets: UTF-16
-    else:
-        raise OperationalError(f"--out is for esp32 and mt5 devices, not {device.kind}")
+    """Write the file the device reads: 0600 (it holds the password), complete or not at all,
+    and replacing whatever is at `out` (a symlink too) rather than writing through it."""
+    data = device_file(device.kind)(device, endpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.touch(mode=0o600)
-    out.chmod(0o600)
-    out.write_bytes(data)
+    write_atomically(out, lambda f: f.write(data))
 

@@ -32,8 +32,8 @@ MIN_DISTINCT = 5
 COMMON_PASSWORDS = Path(__file__).with_name("common-passwords.txt.gz")
 # What people bolt on to a common word to get past a length rule: "password2024!".
 _DECORATION = string.digits + string.punctuation + " "
-# No 0/o, 1/l/i: a generated password is read off a screen and typed on a phone.
-_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
+# No 0/o, 1/l/i: a generated password or backup code is read off a screen and typed by hand.
+ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
 
 
 class PasswordPolicyError(ValidationFailed):
@@ -104,12 +104,17 @@ def check_policy(password: str, username: str) -> None:
                                   "(a common word with digits or symbols added counts too)")
 
 
+def random_groups(groups: int, size: int) -> str:
+    """`groups` groups of `size` random characters of ALPHABET joined by dashes
+    (about 4.95 bits a character)."""
+    return "-".join("".join(secrets.choice(ALPHABET) for _ in range(size)) for _ in range(groups))
+
+
 def generate_password(groups: int = 4, size: int = 5) -> str:
     """A random password that passes the policy for any username: `groups` groups of `size`
     characters joined by dashes (the default has about 99 bits of entropy)."""
     while True:
-        password = "-".join("".join(secrets.choice(_ALPHABET) for _ in range(size))
-                            for _ in range(groups))
+        password = random_groups(groups, size)
         try:
             check_policy(password, "")
         except PasswordPolicyError:

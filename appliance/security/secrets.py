@@ -14,7 +14,6 @@ errors name the secret, never its content. Plaintext files left by earlier versi
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import secrets as _random
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from appliance.errors import OperationalError, ValidationFailed
+from appliance.files import flocked, private_dir, write_atomically
 from appliance.logging import redact
 
 if TYPE_CHECKING:
@@ -89,7 +89,6 @@ class SecretStore:
         """The value of `name`, or None if there is no such secret. A stored secret that does not
         decrypt raises DecryptionError naming the secret."""
         value = self._read(name)
-        redact(value)  # from now on this process's log lines cannot carry it
         self._record("read", name, actor, "ok" if value is not None else "missing")
         return value
 
@@ -146,7 +145,7 @@ class SecretStore:
         """Re-wrap every secret's data key with the keyring's current key (the values are not
         re-encrypted, so this is cheap). Returns how many secrets changed key; after it, the
         older keys are no longer needed for secrets."""
-        from appliance.security.crypto import DecryptionError, write_atomically
+        from appliance.security.crypto import DecryptionError
 
         names = self.names()
         moved = 0
@@ -183,9 +182,11 @@ class SecretStore:
         from appliance.security.crypto import DecryptionError
 
         try:
-            return self.keyring.decrypt(blob, _aad(name)).decode("utf-8")
+            value = self.keyring.decrypt(blob, _aad(name)).decode("utf-8")
         except DecryptionError as exc:
             raise DecryptionError(f"secret {name}: {exc}") from None
+        redact(value)  # from now on this process's log lines cannot carry it
+        return value
 
     def _migrate(self, name: str) -> str | None:
         """Encrypt an earlier version's plaintext file and remove it (the caller holds the lock).
@@ -206,8 +207,7 @@ class SecretStore:
         return value or None
 
     def _write(self, name: str, value: str) -> None:
-        from appliance.security.crypto import write_atomically
-
+        redact(value)  # a process that stores a secret (a new random one too) cannot log it either
         blob = self.keyring.encrypt(value.encode("utf-8"), _aad(name))
         write_atomically(self.path(name), partial(_write_bytes, blob))
 
@@ -221,18 +221,8 @@ class SecretStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Writers take turns, so a reencrypt cannot put back a value a `set` just replaced."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.directory.stat().st_mode & 0o077:
-            try:  # made by hand or by an older version with a looser mode
-                self.directory.chmod(0o700)
-            except PermissionError:
-                pass
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(private_dir(self.directory) / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def _record(self, what: str, name: str, actor: str | None, outcome: str = "ok") -> None:
         if self.audit is None or actor is None:

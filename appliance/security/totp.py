@@ -17,30 +17,28 @@ from __future__ import annotations
 
 import hmac
 import io
-import secrets
-from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyotp
 import segno
-from argon2 import PasswordHasher
-from sqlalchemy import Engine, delete, func, update
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlalchemy import delete, func, update
+from sqlmodel import Field, SQLModel, col, select
 
-from appliance.config import SecuritySettings
 from appliance.errors import AuthError, OperationalError
 from appliance.security import audit as events
-from appliance.security.audit import AuditLog
 from appliance.security.crypto import DecryptionError, Keyring
-from appliance.security.passwords import hash_password, verify_password
-from appliance.security.users import UnknownUser, User, UTCDateTime, canonical_username
+from appliance.security.passwords import ALPHABET, hash_password, random_groups, verify_password
+from appliance.security.users import User, UTCDateTime, canonical_username
+
+if TYPE_CHECKING:
+    from appliance.security.users import Users
 
 BACKUP_CODES = 10
 STEP_WINDOW = 1  # steps accepted either side of the current one
-_BACKUP_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: copied by hand
-_BACKUP_LENGTH = 10  # about 50 bits each: out of reach online, where the lockout applies
+# Two groups of five: about 50 bits each, out of reach online, where the lockout applies.
+_BACKUP_GROUPS, _BACKUP_GROUP_SIZE = 2, 5
 
 
 class Factor(StrEnum):
@@ -97,9 +95,7 @@ def qr_svg(uri: str) -> str:
 
 def new_backup_codes(count: int = BACKUP_CODES) -> list[str]:
     """`count` random codes shaped `xxxxx-xxxxx`."""
-    codes = ["".join(secrets.choice(_BACKUP_ALPHABET) for _ in range(_BACKUP_LENGTH))
-             for _ in range(count)]
-    return [f"{c[:5]}-{c[5:]}" for c in codes]
+    return [random_groups(_BACKUP_GROUPS, _BACKUP_GROUP_SIZE) for _ in range(count)]
 
 
 def normalise_code(code: str) -> str:
@@ -114,22 +110,8 @@ def _aad(username: str) -> bytes:
 class Totp:
     """TOTP enrolment, verification and reset for the users of one box."""
 
-    def __init__(self, engine: Engine, audit: AuditLog, settings: SecuritySettings,
-                 keyring: Keyring | None, *, clock: Callable[[], datetime],
-                 hasher: PasswordHasher) -> None:
-        self.engine, self.audit, self.settings = engine, audit, settings
-        self.keyring, self.clock, self.hasher = keyring, clock, hasher
-
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
-    @staticmethod
-    def _user(session: Session, name: str, *, lock: bool = False) -> User:
-        query = select(User).where(User.username == name)
-        user = session.exec(query.with_for_update() if lock else query).first()
-        if user is None:
-            raise UnknownUser(f"no user {name}")
-        return user
+    def __init__(self, users: Users, keyring: Keyring | None) -> None:
+        self.users, self.keyring = users, keyring
 
     def _keys(self) -> Keyring:
         if self.keyring is None:
@@ -153,12 +135,13 @@ class Totp:
         then); the otpauth URI and its QR code for the app."""
         name = canonical_username(username)
         secret = pyotp.random_base32()
-        with self._session() as session:
-            user = self._user(session, name, lock=True)
+        with self.users.session() as session:
+            user = self.users.existing(session, name)
             user.totp_pending = self._seal(name, secret)
             session.add(user)
             session.commit()
-        uri = pyotp.TOTP(secret).provisioning_uri(name=name, issuer_name=self.settings.totp_issuer)
+        uri = pyotp.TOTP(secret).provisioning_uri(name=name,
+                                                  issuer_name=self.users.settings.totp_issuer)
         return Enrolment(uri, qr_svg(uri))
 
     def confirm_enrolment(self, username: str, code: str, *, actor: str | None = None) -> list[str]:
@@ -166,39 +149,41 @@ class Totp:
         it does not match); returns 10 new backup codes, to be shown once. Earlier backup
         codes stop working."""
         name = canonical_username(username)
-        now = self.clock()
-        with self._session() as session:
-            pending = self._user(session, name).totp_pending
+        now = self.users.clock()
+        with self.users.session() as session:
+            pending = self.users.existing(session, name, lock=False).totp_pending
         if pending is None:
             raise TotpError(f"no TOTP enrolment of {name} in progress; begin one first")
-        step = match_step(self._open(name, pending), normalise_code(code), now)
+        secret = self._open(name, pending)
+        step = match_step(secret, normalise_code(code), now)
         if step is None:
             raise TotpError("the code does not match; check the phone's clock and type the "
                             "code the app shows now")
         codes = new_backup_codes()
-        hashes = [hash_password(normalise_code(c), self.hasher) for c in codes]
-        with self._session() as session:
-            user = self._user(session, name, lock=True)
-            if user.totp_pending != pending:
+        hashes = [hash_password(normalise_code(c), self.users.hasher) for c in codes]
+        with self.users.session() as session:
+            user = self.users.existing(session, name)
+            # The secrets, not the blobs: `circles keys reencrypt` may have re-wrapped it since.
+            if user.totp_pending is None or self._open(name, user.totp_pending) != secret:
                 raise TotpError("the enrolment was restarted meanwhile; use the latest QR code")
             replaced = user.totp_secret is not None
-            user.totp_secret, user.totp_pending = pending, None
+            user.totp_secret, user.totp_pending = user.totp_pending, None
             user.totp_enrolled_at, user.totp_last_step = now, step
             session.add(user)
             session.exec(delete(BackupCode).where(col(BackupCode.user_id) == user.id))
             assert user.id is not None
             session.add_all(BackupCode(user_id=user.id, code_hash=h) for h in hashes)
             session.commit()
-        self.audit.record(events.TOTP_ENROL, actor=actor or f"user:{name}", target=name,
-                          replaced=replaced, backup_codes=len(codes))
+        self.users.audit.record(events.TOTP_ENROL, actor=actor or f"user:{name}", target=name,
+                                replaced=replaced, backup_codes=len(codes))
         return codes
 
     def reset(self, username: str, *, actor: str) -> bool:
         """Remove the user's TOTP secret (pending or enrolled) and backup codes, e.g. after a lost
         phone; they log in with the password alone and enrol again. Whether there was any."""
         name = canonical_username(username)
-        with self._session() as session:
-            user = self._user(session, name, lock=True)
+        with self.users.session() as session:
+            user = self.users.existing(session, name)
             had = user.totp_secret is not None or user.totp_pending is not None
             user.totp_secret = user.totp_pending = None
             user.totp_enrolled_at = user.totp_last_step = None
@@ -206,17 +191,17 @@ class Totp:
             session.add(user)
             session.exec(delete(BackupCode).where(col(BackupCode.user_id) == user.id))
             session.commit()
-        self.audit.record(events.TOTP_RESET, actor=actor, target=name, had_totp=had)
+        self.users.audit.record(events.TOTP_RESET, actor=actor, target=name, had_totp=had)
         return had
 
     # -- verification -----------------------------------------------------------------------
     def is_enrolled(self, username: str) -> bool:
-        with self._session() as session:
-            return self._user(session, canonical_username(username)).totp_secret is not None
+        with self.users.session() as session:
+            return self.users.existing(session, username, lock=False).totp_secret is not None
 
     def backup_codes_left(self, username: str) -> int:
-        with self._session() as session:
-            user = self._user(session, canonical_username(username))
+        with self.users.session() as session:
+            user = self.users.existing(session, username, lock=False)
             return session.exec(select(func.count()).select_from(BackupCode).where(
                 col(BackupCode.user_id) == user.id, col(BackupCode.used_at).is_(None))).one()
 
@@ -229,16 +214,16 @@ class Totp:
         typed = normalise_code(code)
         if len(typed) == 6 and typed.isdigit():
             return Factor.TOTP if self._verify_totp(name, typed) else None
-        if len(typed) == _BACKUP_LENGTH and set(typed) <= set(_BACKUP_ALPHABET):
+        if len(typed) == _BACKUP_GROUPS * _BACKUP_GROUP_SIZE and set(typed) <= set(ALPHABET):
             return Factor.BACKUP_CODE if self._use_backup_code(name, typed) else None
         return None
 
     def _verify_totp(self, name: str, code: str) -> bool:
-        now = self.clock()
+        now = self.users.clock()
         # One transaction reads the last step and writes the new one: two requests racing
         # with the same code cannot both pass.
-        with self._session() as session:
-            user = self._user(session, name, lock=True)
+        with self.users.session() as session:
+            user = self.users.existing(session, name)
             if user.totp_secret is None:
                 return False
             step = match_step(self._open(name, user.totp_secret), code, now,
@@ -251,25 +236,26 @@ class Totp:
         return True
 
     def _use_backup_code(self, name: str, code: str) -> bool:
-        with self._session() as session:
-            user = self._user(session, name)
+        with self.users.session() as session:
+            user = self.users.existing(session, name, lock=False)
             if user.totp_secret is None:
                 return False
             unused = session.exec(select(BackupCode).where(
                 col(BackupCode.user_id) == user.id, col(BackupCode.used_at).is_(None))).all()
         # Argon2 outside any transaction: the database is not held while it runs.
-        found = next((c for c in unused if verify_password(c.code_hash, code, self.hasher)), None)
+        hasher = self.users.hasher
+        found = next((c for c in unused if verify_password(c.code_hash, code, hasher)), None)
         if found is None:
             return False
-        with self._session() as session:
+        with self.users.session() as session:
             marked = session.exec(update(BackupCode).where(
                 col(BackupCode.id) == found.id, col(BackupCode.used_at).is_(None))
-                .values(used_at=self.clock()))
+                .values(used_at=self.users.clock()))
             session.commit()
         if marked.rowcount != 1:  # the same code, used by a concurrent request
             return False
-        self.audit.record(events.BACKUP_CODE_USED, actor=f"user:{name}", target=name,
-                          remaining=len(unused) - 1)
+        self.users.audit.record(events.BACKUP_CODE_USED, actor=f"user:{name}", target=name,
+                                remaining=len(unused) - 1)
         return True
 
     # -- keys -------------------------------------------------------------------------------
@@ -277,7 +263,7 @@ class Totp:
         """Move every TOTP secret to the keyring's current key (after a rotation); returns how
         many blobs were rewritten."""
         keys, moved = self._keys(), 0
-        with self._session() as session:
+        with self.users.session() as session:
             for user in session.exec(select(User).with_for_update()):
                 for attr in ("totp_secret", "totp_pending"):
                     blob = getattr(user, attr)

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from argon2 import PasswordHasher
 from sqlalchemy import BigInteger, DateTime, Engine, LargeBinary, TypeDecorator, func
@@ -160,8 +160,14 @@ def token_matches(stored: str | None, expires: datetime | None, token: str, now:
                 and hmac.compare_digest(stored, digest_token(token)))
 
 
-def is_locked(user: User, now: datetime) -> bool:
-    return user.locked_until is not None and user.locked_until > now
+class Lockable(Protocol):
+    """A user, or the lockout counters of a name without an account."""
+
+    locked_until: datetime | None
+
+
+def is_locked(counters: Lockable, now: datetime) -> bool:
+    return counters.locked_until is not None and counters.locked_until > now
 
 
 class Users:
@@ -179,7 +185,7 @@ class Users:
         self.settings = settings or SecuritySettings()
         self.clock = clock
         self.hasher = hasher or default_hasher()
-        self.totp = Totp(engine, audit, self.settings, keyring, clock=clock, hasher=self.hasher)
+        self.totp = Totp(self, keyring)
         self.login = Login(self)
 
     @classmethod
@@ -203,8 +209,9 @@ class Users:
         with self.session() as session:
             return self.row(session, name)
 
-    def _existing(self, session: Session, username: str) -> User:
-        user = self.row(session, canonical_username(username), lock=True)
+    def existing(self, session: Session, username: str, *, lock: bool = True) -> User:
+        """The row of `username` (locked, unless `lock` is False); UnknownUser if there is none."""
+        user = self.row(session, canonical_username(username), lock=lock)
         if user is None:
             raise UnknownUser(f"no user {username.strip().lower()}")
         return user
@@ -255,7 +262,7 @@ class Users:
         """Change a user's role; refused for the last admin."""
         new = parse_role(role)
         with self.session() as session:
-            user = self._existing(session, username)
+            user = self.existing(session, username)
             previous = user.role
             if new != Role.ADMIN:
                 self._refuse_last_admin(session, user, "changing the role")
@@ -269,7 +276,7 @@ class Users:
     def remove(self, username: str, *, actor: str) -> None:
         """Delete a user (and its backup codes); refused for the last admin."""
         with self.session() as session:
-            user = self._existing(session, username)
+            user = self.existing(session, username)
             self._refuse_last_admin(session, user, "removing it")
             session.delete(user)
             session.commit()
@@ -315,7 +322,7 @@ class Users:
             raise PasswordPolicyError("password refused: it is the current password")
         digest = hash_password(new, self.hasher)
         with self.session() as session:
-            self._set_password(session, self._existing(session, name), digest, now)
+            self._set_password(session, self.existing(session, name), digest, now)
             session.commit()
         self.audit.record(events.PASSWORD_CHANGE, actor=f"user:{name}", target=name)
 
@@ -325,7 +332,7 @@ class Users:
         token = secrets.token_urlsafe(32)
         expires = self.clock() + timedelta(minutes=self.settings.reset_token_minutes)
         with self.session() as session:
-            user = self._existing(session, username)
+            user = self.existing(session, username)
             user.reset_token_hash, user.reset_token_expires = digest_token(token), expires
             session.add(user)
             session.commit()
