@@ -100,12 +100,6 @@ def box_ledger() -> Ledger:
     return open_ledger(load_settings())
 
 
-def database() -> Any:
-    from appliance.db import open_database
-
-    return open_database(load_settings())
-
-
 def ask_secret(label: str, *, multiline: bool = False) -> str:
     """A secret typed twice, hidden, at a terminal; else read from stdin (one line, or all of
     it with `multiline`, e.g. a PEM key). Never from the command line, where `ps` shows it."""
@@ -243,9 +237,8 @@ def _cmd_ledger_key(args: argparse.Namespace) -> int:
     from appliance.security import audit as events
     from appliance.security.audit import AuditLog, cli_actor
 
-    settings = load_settings()
-    engine = database()
-    audit = AuditLog.open(settings)
+    audit = AuditLog.open(load_settings())
+    engine = audit.ledger.engine
     if args.key_command == "create":
         made, key = api_keys.create(engine, args.account, args.label or "")
         audit.record(events.API_KEY_CREATE, actor=cli_actor(), target=made.account, key_id=made.id,

@@ -59,12 +59,12 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
-    from appliance.security.audit import cli_actor
+    from appliance.security.audit import AuditLog, cli_actor
 
     settings = load_settings()
     directory = args.dir or settings.state_dir / "archive" / "audit"
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
-    done = _audit().archive(before, directory, actor=cli_actor())
+    done = AuditLog.open(settings).archive(before, directory, actor=cli_actor())
     if done is None:
         print(f"nothing older than {args.older_than_days} days")
     else:

@@ -71,7 +71,8 @@ def _cmd_keys_reencrypt(args: argparse.Namespace) -> int:
     total = len(store.names())
     moved = store.reencrypt()
     # The other data the keyring seals: the users' TOTP secrets, in the database.
-    totp = Users.open(load_settings(), keyring=store.keyring).totp.rewrap_secrets()
+    users = Users(audit.ledger.engine, audit, load_settings().security, keyring=store.keyring)
+    totp = users.totp.rewrap_secrets()
     audit.record(KEY_REENCRYPT, actor=_actor(), target=store.keyring.current_id,
                  secrets=total, rewrapped=moved, totp_secrets=totp)
     print(f"{moved} of {total} secrets re-wrapped with key {store.keyring.current_id} "
