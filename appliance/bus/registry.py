@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from appliance.bus import payloads as p
 from appliance.bus import trade_event as t
+from appliance.bus import trading as tr
 from appliance.bus.topics import TopicSpec
 
 
@@ -38,6 +39,28 @@ TRADE_ACK = _spec("trade_ack", "circles/trade/{account}/ack", model=t.TradeAck,
 TRADE_METRICS = _spec("trade_metrics", "circles/trade/{account}/metrics", retained=True,
                       model=t.TradeMetrics,
                       pub="service:trade-logger", sub="service homeassistant")
+# The trading pipeline (docs/trading.md): market → alpha → ensemble → sizing → execution,
+# with risk owning the halt. Feeds are named by exchange, symbol and timeframe.
+MARKET_BAR = _spec("market_bar", "circles/market/{exchange}/{symbol}/{timeframe}/bar",
+                   model=tr.Bar, pub="service:market", sub="service")
+MARKET_FEED = _spec("market_feed", "circles/market/{exchange}/{symbol}/{timeframe}/feed",
+                    retained=True, model=tr.FeedState, pub="service:market",
+                    sub="service homeassistant")
+ALPHA_SIGNALS = _spec("alpha_signals", "circles/alpha/{exchange}/{symbol}/{timeframe}/signals",
+                      model=tr.Signals, pub="service:alpha", sub="service")
+ENSEMBLE_TARGET = _spec("ensemble_target",
+                        "circles/ensemble/{exchange}/{symbol}/{timeframe}/target",
+                        model=tr.Target, pub="service:ensemble", sub="service")
+ORDER_INTENT = _spec("order_intent", "circles/sizing/{account}/intent", model=tr.OrderIntent,
+                     pub="service:sizing", sub="service")
+ORDER_UPDATE = _spec("order_update", "circles/execution/{account}/order", model=tr.Order,
+                     pub="service:execution", sub="service")
+OPEN_ORDERS = _spec("open_orders", "circles/execution/{account}/orders", retained=True,
+                    model=tr.Orders, pub="service:execution", sub="service homeassistant")
+POSITIONS = _spec("positions", "circles/execution/{account}/positions", retained=True,
+                  model=tr.Positions, pub="service:execution", sub="service homeassistant")
+RISK_STATE = _spec("risk_state", "circles/risk/state", retained=True, model=tr.RiskState,
+                   pub="service:risk", sub="service homeassistant")
 HOME_STATE = _spec("home_state", "circles/home/{device}/{entity}/state", retained=True,
                    model=p.HomeState, pub="esp32:self service", sub="service homeassistant")
 HOME_SET = _spec("home_set", "circles/home/{device}/{entity}/set",

@@ -1,0 +1,9 @@
+"""The `execution` service of the trading pipeline (docs/trading.md)."""
+
+from __future__ import annotations
+
+from appliance.runtime import Service
+
+
+class ExecutionService(Service):
+    name = "execution"

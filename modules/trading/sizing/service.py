@@ -1,0 +1,9 @@
+"""The `sizing` service of the trading pipeline (docs/trading.md)."""
+
+from __future__ import annotations
+
+from appliance.runtime import Service
+
+
+class SizingService(Service):
+    name = "sizing"
