@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,6 +279,10 @@ class MqttBus(BaseBus):
     # -- the socket on the event loop -------------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
+        # Without TCP_NODELAY a small packet (a PUBACK, a reply) written while an earlier one
+        # is unacknowledged waits for the peer's delayed ACK: ~40 ms on every hop.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # paho reads a packet in three or more recv() calls of a few bytes; the buffer turns
         # that into one recv() per 64 KiB. paho keeps the socket it calls back with here.
         sock = client._sock = _BufferedReads(sock)

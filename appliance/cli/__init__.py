@@ -379,9 +379,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, crypto, devices, users
+    from appliance.cli import audit, crypto, devices, trading, users
 
-    for area in (users, crypto, audit, devices):
+    for area in (users, crypto, audit, devices, trading):
         area.add_commands(sub)
     return top
 

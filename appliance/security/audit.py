@@ -45,6 +45,7 @@ DEVICE_ADD = "device.add"
 DEVICE_REMOVE = "device.remove"
 TRADING_HALT = "trading.halt"
 TRADING_RESUME = "trading.resume"
+TRADING_FLATTEN = "trading.flatten"
 ARCHIVE = "audit.archive"
 
 

@@ -1,0 +1,283 @@
+"""The execution service's durable state (tables of migration 0005), one transaction per step.
+
+Every method is blocking: the service calls them in a thread. A step that must be whole is one
+transaction here: an intent with the orders it made; a fill with its order, its position and
+its trade event in the outbox. Only this process writes these rows of its account, so the
+service may keep what a method returns as its in-memory view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+
+from appliance.bus.payloads import utcnow
+from appliance.bus.trade_event import TradeEvent
+from appliance.bus.trading import OrderIntent
+from modules.trading.execution.orders import OPEN_STATUSES, OrderRow, PositionRow, text
+
+metadata = MetaData()
+intents = Table(
+    "execution_intents", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account", String(64)), Column("key", String(64)), Column("symbol", String(64)),
+    Column("bar_ts", String(40)), Column("status", String(16)), Column("reason", Text),
+    Column("data", Text), Column("received_at", String(40)))
+orders = Table(
+    "execution_orders", metadata,
+    Column("client_order_id", String(36), primary_key=True), Column("account", String(64)),
+    Column("intent_key", String(64)), Column("kind", String(16)),
+    Column("strategy_id", String(128)), Column("exchange", String(64)),
+    Column("symbol", String(64)), Column("timeframe", String(8)), Column("side", String(4)),
+    Column("qty", String(80)), Column("filled", String(80)), Column("avg_price", String(80)),
+    Column("fee", String(80)), Column("fee_currency", String(32)), Column("fills", Integer),
+    Column("status", String(16)), Column("reason", Text),
+    Column("exchange_order_id", String(128)), Column("cancel_requested", Boolean),
+    Column("fill_after", String(40)), Column("created_at", String(40)),
+    Column("updated_at", String(40)))
+positions = Table(
+    "execution_positions", metadata,
+    Column("account", String(64), primary_key=True), Column("symbol", String(64), primary_key=True),
+    Column("exchange", String(64)), Column("qty", String(80)), Column("avg_price", String(80)),
+    Column("strategy_id", String(128)), Column("updated_at", String(40)))
+outbox = Table(
+    "execution_outbox", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True), Column("account", String(64)),
+    Column("source", String(16)), Column("event_id", String(128)),
+    Column("client_order_id", String(36)), Column("data", Text), Column("delivered", Boolean),
+    Column("outcome", Text), Column("created_at", String(40)), Column("delivered_at", String(40)))
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A trade event in the outbox, not yet confirmed by the trade logger."""
+
+    event_id: str
+    source: str
+    data: str
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    intent: OrderIntent
+    status: str
+    reason: str
+
+
+def _order_values(order: OrderRow) -> dict[str, Any]:
+    return {
+        "client_order_id": order.client_order_id, "account": order.account,
+        "intent_key": order.intent_key, "kind": order.kind, "strategy_id": order.strategy_id,
+        "exchange": order.exchange, "symbol": order.symbol, "timeframe": order.timeframe,
+        "side": order.side, "qty": text(order.qty), "filled": text(order.filled),
+        "avg_price": None if order.avg_price is None else text(order.avg_price),
+        "fee": text(order.fee), "fee_currency": order.fee_currency, "fills": order.fills,
+        "status": order.status, "reason": order.reason,
+        "exchange_order_id": order.exchange_order_id,
+        "cancel_requested": order.cancel_requested,
+        "fill_after": order.fill_after.isoformat() if order.fill_after else None,
+        "created_at": order.created_at, "updated_at": order.updated_at or order.created_at}
+
+
+def _order(row: Any) -> OrderRow:
+    return OrderRow(
+        client_order_id=row.client_order_id, account=row.account, intent_key=row.intent_key,
+        strategy_id=row.strategy_id, exchange=row.exchange, symbol=row.symbol, side=row.side,
+        qty=Decimal(row.qty), status=row.status, kind=row.kind, filled=Decimal(row.filled),
+        avg_price=None if row.avg_price is None else Decimal(row.avg_price),
+        fee=Decimal(row.fee), fee_currency=row.fee_currency, fills=row.fills,
+        reason=row.reason, exchange_order_id=row.exchange_order_id,
+        cancel_requested=bool(row.cancel_requested),
+        fill_after=datetime.fromisoformat(row.fill_after) if row.fill_after else None,
+        timeframe=row.timeframe, created_at=row.created_at, updated_at=row.updated_at)
+
+
+def _position(row: Any) -> PositionRow:
+    return PositionRow(account=row.account, symbol=row.symbol, exchange=row.exchange,
+                       qty=Decimal(row.qty), avg_price=Decimal(row.avg_price),
+                       strategy_id=row.strategy_id, updated_at=row.updated_at)
+
+
+class ExecutionStore:
+    """The rows of one account."""
+
+    def __init__(self, engine: Engine, account: str) -> None:
+        self.engine = engine
+        self.account = account
+
+    # -- reading ----------------------------------------------------------------------------
+    def open_orders(self) -> list[OrderRow]:
+        """Orders still new, open or partially filled, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(orders).where(orders.c.account == self.account,
+                                                     orders.c.status.in_(OPEN_STATUSES))
+                                .order_by(orders.c.created_at, orders.c.client_order_id))
+            return [_order(r) for r in rows]
+
+    def recent_orders(self, limit: int) -> list[OrderRow]:
+        """The last `limit` orders of any status, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(orders).where(orders.c.account == self.account)
+                                .order_by(orders.c.created_at.desc(),
+                                          orders.c.client_order_id.desc()).limit(limit))
+            return [_order(r) for r in rows]
+
+    def order(self, client_order_id: str) -> OrderRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(orders).where(
+                orders.c.client_order_id == client_order_id)).first()
+            return _order(row) if row is not None else None
+
+    def positions(self) -> dict[str, PositionRow]:
+        """Every position of the account by symbol, flat ones included."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(positions).where(positions.c.account == self.account))
+            return {r.symbol: _position(r) for r in rows}
+
+    def waiting_intents(self) -> list[OrderIntent]:
+        """Intents that arrived before the halt state was known, in arrival order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(intents.c.data).where(
+                intents.c.account == self.account, intents.c.status == "waiting")
+                .order_by(intents.c.id))
+            return [OrderIntent.model_validate_json(r.data) for r in rows]
+
+    def intent(self, key: str) -> IntentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(intents.c.data, intents.c.status, intents.c.reason).where(
+                intents.c.account == self.account, intents.c.key == key)).first()
+        if row is None:
+            return None
+        return IntentRecord(OrderIntent.model_validate_json(row.data), row.status, row.reason)
+
+    def undelivered(self, limit: int = 1000) -> list[Pending]:
+        """Trade events the trade logger has not confirmed yet, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(outbox.c.event_id, outbox.c.source, outbox.c.data).where(
+                outbox.c.account == self.account, outbox.c.delivered.is_(False))
+                .order_by(outbox.c.id).limit(limit))
+            return [Pending(r.event_id, r.source, r.data) for r in rows]
+
+    def has_event(self, source: str, event_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(outbox.c.id).where(
+                outbox.c.account == self.account, outbox.c.source == source,
+                outbox.c.event_id == event_id)).first() is not None
+
+    def outbox_counts(self) -> tuple[int, int]:
+        """(events in the outbox, events of them not confirmed yet)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(outbox.c.delivered).where(
+                outbox.c.account == self.account)).all()
+        return len(rows), sum(1 for r in rows if not r.delivered)
+
+    # -- writing ----------------------------------------------------------------------------
+    def record_intent(self, intent: OrderIntent, status: str, reason: str,
+                      new_orders: Sequence[OrderRow] = ()) -> bool:
+        """Record `intent` with its outcome and the orders it made, in one transaction. False
+        (and nothing written) when an intent of the same key is recorded already. An intent
+        that was `waiting` is settled instead: its status changes and its orders are added."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(intents.c.status).where(
+                intents.c.account == self.account, intents.c.key == intent.key)).first()
+            if row is not None and row.status != "waiting":
+                return False
+            values = {"status": status, "reason": reason}
+            if row is None:
+                conn.execute(insert(intents).values(
+                    account=self.account, key=intent.key, symbol=intent.symbol,
+                    bar_ts=intent.bar_ts.isoformat(), data=intent.model_dump_json(),
+                    received_at=utcnow(), **values))
+            else:
+                conn.execute(update(intents).where(intents.c.account == self.account,
+                                                   intents.c.key == intent.key).values(**values))
+            self._insert_orders(conn, new_orders)
+        return True
+
+    def add_orders(self, new_orders: Sequence[OrderRow]) -> None:
+        """Orders made without an intent (a flatten), in one transaction."""
+        with self.engine.begin() as conn:
+            self._insert_orders(conn, new_orders)
+
+    @staticmethod
+    def _insert_orders(conn: Connection, new_orders: Iterable[OrderRow]) -> None:
+        rows = [_order_values(o) for o in new_orders]
+        if rows:
+            conn.execute(insert(orders), rows)
+
+    def save_orders(self, changed: Sequence[OrderRow]) -> None:
+        """Write orders' new state (status, reason, exchange id…), in one transaction."""
+        with self.engine.begin() as conn:
+            for order in changed:
+                self._save_order(conn, order)
+
+    @staticmethod
+    def _save_order(conn: Connection, order: OrderRow) -> None:
+        values = _order_values(order)
+        del values["client_order_id"]
+        conn.execute(update(orders).where(orders.c.client_order_id == order.client_order_id)
+                     .values(**values))
+
+    def record_fill(self, order: OrderRow, position: PositionRow, event: TradeEvent) -> None:
+        """One fill, whole or not at all: the order's new state, the position's, and the trade
+        event in the outbox (undelivered)."""
+        with self.engine.begin() as conn:
+            self._save_order(conn, order)
+            values = {"exchange": position.exchange, "qty": text(position.qty),
+                      "avg_price": text(position.avg_price), "strategy_id": position.strategy_id,
+                      "updated_at": position.updated_at or utcnow()}
+            done = conn.execute(update(positions).where(
+                positions.c.account == self.account, positions.c.symbol == position.symbol)
+                .values(**values))
+            if not done.rowcount:
+                conn.execute(insert(positions).values(account=self.account,
+                                                       symbol=position.symbol, **values))
+            self._insert_event(conn, event, order.client_order_id)
+
+    def add_event(self, event: TradeEvent) -> bool:
+        """Put an event without an order (the paper deposit) in the outbox; False when one of
+        the same id is there already."""
+        with self.engine.begin() as conn:
+            found = conn.execute(select(outbox.c.id).where(
+                outbox.c.account == self.account, outbox.c.source == event.source,
+                outbox.c.event_id == event.event_id)).first()
+            if found is None:
+                self._insert_event(conn, event, None)
+        return found is None
+
+    def _insert_event(self, conn: Connection, event: TradeEvent, order_id: str | None) -> None:
+        conn.execute(insert(outbox).values(
+            account=self.account, source=event.source, event_id=event.event_id,
+            client_order_id=order_id, data=event.model_dump_json(), delivered=False,
+            outcome=None, created_at=utcnow(), delivered_at=None))
+
+    def mark_delivered(self, outcomes: dict[tuple[str, str], str]) -> int:
+        """Mark events confirmed by the trade logger ((source, event_id) → outcome); returns
+        how many were still undelivered."""
+        now, marked = utcnow(), 0
+        with self.engine.begin() as conn:
+            for (source, event_id), outcome in outcomes.items():
+                done = conn.execute(update(outbox).where(
+                    outbox.c.account == self.account, outbox.c.source == source,
+                    outbox.c.event_id == event_id, outbox.c.delivered.is_(False))
+                    .values(delivered=True, outcome=outcome, delivered_at=now))
+                marked += done.rowcount
+        return marked

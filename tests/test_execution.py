@@ -1,0 +1,499 @@
+"""The execution service in paper mode, as systemd runs it: a real broker, a real SQLite file,
+bars, intents and the halt published by the tester, the trade logger confirming fills."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from appliance import db
+from appliance.bus import registry
+from appliance.bus.message import Message
+from appliance.bus.mqtt import MqttBus
+from appliance.bus.payloads import TradingHalt
+from appliance.bus.trade_event import TradeEvent, chain_for
+from appliance.bus.trading import Bar, Order, OrderIntent, Positions
+from appliance.ledger import Ledger, Signer
+from modules.trading.execution.orders import client_order_id
+from modules.trading.execution.store import intents, orders, outbox, positions
+from tests.helpers import Collector, ServiceProcess, TestBroker
+
+NAME = "execution"
+EXCHANGE = "sim"
+
+
+def hour_ago() -> datetime:
+    """Where a test's bars start: whole minutes, an hour ago (fills are never in the future)."""
+    return datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+
+
+def make_bar(symbol: str, ts: datetime, open_: float, close: float | None = None,
+             volume: float = 1000.0) -> Bar:
+    close = open_ if close is None else close
+    return Bar(exchange=EXCHANGE, symbol=symbol, timeframe="1m", ts=ts, open=open_,
+               high=max(open_, close) * 1.01, low=min(open_, close) * 0.99, close=close,
+               volume=volume)
+
+
+def make_intent(account: str, symbol: str, key: str, target: str, bar_ts: datetime) -> OrderIntent:
+    return OrderIntent(key=key, account=account, strategy_id="ens", exchange=EXCHANGE,
+                       symbol=symbol, target_qty=Decimal(target), price=Decimal(100),
+                       bar_ts=bar_ts)
+
+
+@dataclass
+class Desk:
+    """One test's account and symbol, the tester's bus, and the execution process."""
+
+    broker: TestBroker
+    tmp_path: Path
+    account: str = field(default_factory=lambda: f"acct{uuid.uuid4().hex[:8]}")
+    symbol: str = field(default_factory=lambda: f"T{uuid.uuid4().hex[:6].upper()}/USDT")
+    t0: datetime = field(default_factory=hour_ago)
+    proc: ServiceProcess | None = None
+    logger: ServiceProcess | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    tester: MqttBus | None = None
+    watch: Collector | None = None
+
+    def at(self, n: int) -> datetime:
+        """The open time of bar n."""
+        return self.t0 + timedelta(minutes=n)
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.tmp_path / 'box.db'}"
+
+    async def connect(self) -> None:
+        self.tester = self.broker.bus()
+        await self.tester.connect()
+        self.watch = await Collector.start(self.broker, *(str(spec.topic(account=self.account)) for spec in (
+            registry.ORDER_UPDATE, registry.TRADE_EVENT, registry.POSITIONS, registry.OPEN_ORDERS)))
+
+    async def start(self, *, halted: bool | None = False, **env: str) -> None:
+        """Start the service after publishing the retained halt (None: with no retained halt)."""
+        if halted is None:
+            await self.no_halt()
+        else:
+            await self.halt(halted)
+        status = await Collector.start(self.broker, str(registry.SERVICE_STATUS.topic(service=NAME)))
+        try:
+            status.messages.clear()
+            self.env = {"CIRCLES_DATABASE__URL": self.url, "CIRCLES_EXECUTION__ACCOUNT": self.account,
+                        "CIRCLES_EXECUTION__RESEND_AFTER_S": "1", **env}
+            self.proc = ServiceProcess(NAME, self.broker.env(**self.env), self.tmp_path)
+            await status.wait(lambda ms: any(m.payload == b"online" for m in ms), 20, "online")
+        finally:
+            await status.close()
+
+    async def start_logger(self) -> None:
+        status = await Collector.start(self.broker,
+                                       str(registry.SERVICE_STATUS.topic(service="trade-logger")))
+        try:
+            status.messages.clear()
+            self.logger = ServiceProcess("trade-logger", self.broker.env(
+                CIRCLES_DATABASE__URL=self.url), self.tmp_path)
+            await status.wait(lambda ms: any(m.payload == b"online" for m in ms), 20, "online")
+        finally:
+            await status.close()
+
+    def kill(self) -> None:
+        assert self.proc
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def close(self) -> None:
+        for proc in (self.proc, self.logger):
+            if proc is not None:
+                proc.stop()
+        if self.watch:
+            await self.watch.close()
+        if self.tester:
+            await self.tester.close()
+
+    # -- what the tester publishes -------------------------------------------------------------
+    async def halt(self, halted: bool, reason: str = "test") -> None:
+        assert self.tester
+        await self.tester.send(registry.TRADING_HALT,
+                               TradingHalt(halted=halted, by="tester", reason=reason), wait=True)
+
+    async def no_halt(self) -> None:
+        """No retained halt at all (as on a box whose risk service never ran)."""
+        assert self.tester
+        await self.tester.publish(str(registry.TRADING_HALT.topic()), b"", retain=True, wait=True)
+
+    def bar(self, n: int, open_: float, close: float | None = None, volume: float = 1000.0) -> Bar:
+        return make_bar(self.symbol, self.at(n), open_, close, volume)
+
+    async def send_bar(self, n: int, open_: float, close: float | None = None,
+                       volume: float = 1000.0) -> Bar:
+        assert self.tester
+        bar = self.bar(n, open_, close, volume)
+        await self.tester.send(registry.MARKET_BAR, bar, exchange=EXCHANGE, symbol=self.symbol,
+                               timeframe="1m", wait=True)
+        return bar
+
+    def intent(self, n: int, target: str, key: str | None = None) -> OrderIntent:
+        return make_intent(self.account, self.symbol, key or f"{self.account}-{n}", target,
+                           self.at(n))
+
+    async def send_intent(self, n: int, target: str, key: str | None = None) -> OrderIntent:
+        assert self.tester
+        intent = self.intent(n, target, key)
+        await self.tester.send(registry.ORDER_INTENT, intent, account=self.account, wait=True)
+        return intent
+
+    # -- what the service published ------------------------------------------------------------
+    def on(self, spec: Any) -> list[Message]:
+        assert self.watch
+        return self.watch.on(str(spec.topic(account=self.account)))
+
+    def updates(self) -> list[Order]:
+        return [Order.model_validate_json(m.payload) for m in self.on(registry.ORDER_UPDATE)]
+
+    def events(self) -> list[TradeEvent]:
+        return [TradeEvent.model_validate_json(m.payload) for m in self.on(registry.TRADE_EVENT)]
+
+    def fills(self) -> dict[str, TradeEvent]:
+        return {e.event_id: e for e in self.events() if e.kind == "fill"}
+
+    async def wait(self, predicate: Any, what: str, timeout: float = 15.0) -> Any:
+        assert self.watch
+        return await self.watch.wait(lambda ms: predicate(), timeout, what)
+
+    def last_status(self, coid: str) -> str | None:
+        found = [u.status for u in self.updates() if u.client_order_id == coid]
+        return found[-1] if found else None
+
+    def coid(self, n: int, key: str | None = None) -> str:
+        return client_order_id(self.account, key or f"{self.account}-{n}")
+
+    def rows(self, table: Any) -> list[Any]:
+        engine = db.make_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(select(table).where(table.c.account == self.account)))
+        finally:
+            engine.dispose()
+
+    async def request(self, command: str, **args: Any) -> Any:
+        assert self.tester
+        reply = await self.tester.request(NAME, command, args, timeout=10)
+        assert reply.ok, reply.error
+        return reply.result
+
+
+@pytest.fixture
+async def desk(broker: TestBroker, tmp_path: Path) -> AsyncIterator[Desk]:
+    made = Desk(broker, tmp_path)
+    await made.connect()
+    yield made
+    await made.close()
+    if made.proc is not None and "Traceback" in made.proc.log:
+        pytest.fail(f"the service logged a traceback:\n{made.proc.log[-3000:]}")
+
+
+BPS = Decimal("0.0001")
+
+
+async def test_paper_fills_at_next_open_partially_and_the_ledger_confirms(desk: Desk) -> None:
+    await desk.start_logger()
+    await desk.start()
+    await desk.send_bar(0, 99, 100)
+    await desk.send_intent(0, "2")
+    # Nothing fills on the intent's own bar: the next bar's open (with slippage) does.
+    await asyncio.sleep(0.5)
+    assert not desk.fills()
+    await desk.send_bar(1, 100, 101, volume=100)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "first order filled")
+    (fill,) = desk.fills().values()
+    assert fill.side == "buy" and fill.qty == 2 and fill.ts == desk.at(1)
+    assert fill.price == Decimal(100) * (1 + 5 * BPS)
+    assert fill.fee == fill.qty * fill.price * 10 * BPS and fill.fee_currency == "USDT"
+    assert fill.source == "paper" and fill.strategy_id == "ens" and fill.symbol == desk.symbol
+    assert fill.order_id == desk.coid(0) and fill.event_id == f"{desk.coid(0)}-f1"
+
+    # 30 more, with bars of volume 100 filling at most 10 each: three partial fills.
+    await desk.send_intent(1, "32")
+    for n in (2, 3, 4):
+        await desk.send_bar(n, 100 + n, volume=100)
+    await desk.wait(lambda: desk.last_status(desk.coid(1)) == "filled", "second order filled")
+    second = [u for u in desk.updates() if u.client_order_id == desk.coid(1)]
+    assert [u.status for u in second] == ["open", "partial", "partial", "filled"]
+    assert [u.filled for u in second] == [0, 10, 20, 30]
+    parts = [e for e in desk.fills().values() if e.order_id == desk.coid(1)]
+    assert [(e.qty, e.price, e.ts) for e in parts] == [
+        (10, Decimal(100 + n) * (1 + 5 * BPS), desk.at(n)) for n in (2, 3, 4)]
+    assert second[-1].avg_price == sum(e.price for e in parts) / 3
+
+    positions = await desk.request("positions")
+    (position,) = positions["positions"]
+    assert Decimal(position["qty"]) == 32 and Decimal(position["last_price"]) == 104
+    retained = Positions.model_validate_json(desk.on(registry.POSITIONS)[-1].payload)
+    assert retained.positions[0].qty == 32
+
+    # The deposit and the four fills reach the ledger and are marked delivered.
+    ledger = Ledger(db.make_engine(desk.url), Signer.load_or_create(desk.broker.state))
+
+    def all_delivered() -> bool:
+        rows = desk.rows(outbox)
+        return len(rows) == 5 and all(r.delivered for r in rows)
+
+    await desk.wait(all_delivered, "five confirmed events")
+    records = [r["data"] for r in ledger.records(chain_for(desk.account))]
+    assert sorted(r["event_id"] for r in records) == sorted(["paper-start", *desk.fills()])
+    deposit = next(r for r in records if r["kind"] == "deposit")
+    assert Decimal(deposit["qty"]) == 10000 and deposit["symbol"] == "USDT"
+    assert all(r.outcome.startswith("accepted") for r in desk.rows(outbox))
+
+
+async def test_intent_after_its_next_bar_fills_the_same(desk: Desk) -> None:
+    """A fast replay: the next bar is seen before the intent; the fill is the same."""
+    await desk.start()
+    await desk.send_bar(0, 99, 100)
+    await desk.send_bar(1, 100, 101)
+    await desk.send_intent(0, "-3")
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+    (fill,) = desk.fills().values()
+    assert (fill.side, fill.qty, fill.ts) == ("sell", 3, desk.at(1))
+    assert fill.price == Decimal(100) * (1 - 5 * BPS)
+
+
+async def test_fill_at_close_fills_at_once_at_the_intent_bar_close(desk: Desk) -> None:
+    await desk.start(CIRCLES_EXECUTION__FILL_AT="close", CIRCLES_EXECUTION__SLIPPAGE_BPS="0",
+                     CIRCLES_EXECUTION__FEE_BPS="0")
+    await desk.send_bar(0, 99, 100.5)
+    await desk.send_intent(0, "1.5")
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+    (fill,) = desk.fills().values()
+    assert (fill.qty, fill.price, fill.fee, fill.ts) == (Decimal("1.5"), Decimal("100.5"), 0, desk.at(0))
+
+
+async def test_the_same_intent_twice_orders_once(desk: Desk) -> None:
+    await desk.start()
+    await desk.send_bar(0, 100)
+    await desk.send_intent(0, "5")
+    await desk.send_intent(0, "5")  # redelivered
+    await desk.send_intent(0, "5", key=f"{desk.account}-again")  # re-sent under a new key
+    await desk.send_bar(1, 100)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+    await asyncio.sleep(0.5)
+    assert [r.client_order_id for r in desk.rows(orders)] == [desk.coid(0)]
+    assert len(desk.fills()) == 1
+    answer = await desk.request("orders")
+    assert answer["open"] == [] and [o["status"] for o in answer["recent"]] == ["filled"]
+
+
+async def test_stale_intent_is_refused(desk: Desk) -> None:
+    await desk.start()
+    for n in range(5):
+        await desk.send_bar(n, 100)
+    await desk.send_intent(1, "1")  # three bars behind the newest: more than 2
+    await desk.wait(lambda: desk.last_status(desk.coid(1)) == "rejected", "refused")
+    assert "stale" in desk.updates()[-1].reason
+    await desk.send_intent(3, "1")
+    await desk.wait(lambda: desk.last_status(desk.coid(3)) == "filled", "a recent one fills")
+
+
+async def test_halt_unknown_then_halted_then_resumed(desk: Desk) -> None:
+    await desk.start(halted=None, CIRCLES_EXECUTION__HALT_WAIT_S="1")
+    await desk.send_bar(0, 100)
+    # Unknown: treated as halted once the short wait after start is over.
+    await desk.send_intent(0, "1")
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "rejected", "refused: unknown")
+    assert "halt state unknown" in desk.updates()[-1].reason
+    await desk.halt(True, "drawdown")
+    await desk.send_intent(1, "1")
+    await desk.wait(lambda: desk.last_status(desk.coid(1)) == "rejected", "refused: halted")
+    assert desk.updates()[-1].reason == "trading halted: drawdown"
+    # A redelivered refused intent is not retried once trading resumes.
+    await desk.halt(False)
+    await desk.send_intent(1, "1")
+    await desk.send_intent(2, "1")
+    await desk.send_bar(3, 100, volume=5)  # fills 0.5 of 1: the rest stays open
+    await desk.wait(lambda: desk.last_status(desk.coid(2)) == "partial", "accepted, partly filled")
+    await desk.halt(True, "manual")
+    await desk.wait(lambda: desk.last_status(desk.coid(2)) == "cancelled", "open order cancelled")
+    assert desk.updates()[-1].reason == "trading halted: manual"
+    assert {r.client_order_id: r.status for r in desk.rows(orders)} == {
+        desk.coid(0): "rejected", desk.coid(1): "rejected", desk.coid(2): "cancelled"}
+    assert json.loads(desk.on(registry.OPEN_ORDERS)[-1].payload)["orders"] == []
+
+
+async def test_intents_wait_for_the_halt_state_after_a_start(desk: Desk) -> None:
+    """Queued intents reach a restarted service before the retained halt does: they wait
+    for it instead of being refused."""
+    await desk.start(halted=None, CIRCLES_EXECUTION__HALT_WAIT_S="30")
+    await desk.send_bar(0, 100)
+    await desk.send_intent(0, "1")
+    await asyncio.sleep(0.5)
+    assert desk.updates() == []
+    await desk.halt(False)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "open", "ordered once known")
+    await desk.send_bar(1, 100)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+
+
+async def test_flatten_closes_positions_even_while_halted(desk: Desk) -> None:
+    await desk.start()
+    await desk.send_bar(0, 100)
+    await desk.send_intent(0, "4")
+    await desk.send_bar(1, 100)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "long 4")
+    await desk.halt(True, "going flat")
+    answer = await desk.request("flatten", by="alice")
+    (order,) = answer["orders"]
+    assert (order["side"], Decimal(order["qty"]), order["status"]) == ("sell", 4, "open")
+    await desk.send_bar(2, 90)
+    await desk.wait(lambda: desk.last_status(order["client_order_id"]) == "filled", "flat")
+    closing = next(e for e in desk.fills().values() if e.order_id == order["client_order_id"])
+    assert closing.price == Decimal(90) * (1 - 5 * BPS) and closing.strategy_id == "ens"
+    assert (await desk.request("positions"))["positions"] == []
+    assert Decimal(desk.rows(positions)[0].qty) == 0
+
+
+async def test_kill_9_loses_no_fill_and_orders_nothing_twice(desk: Desk) -> None:
+    await desk.start_logger()
+    await desk.start()
+    targets = ["3", "-2", "0", "5", "1", "4", "-4", "2", "0", "6"] * 3
+
+    async def stream(ns: range) -> None:
+        for n in ns:
+            await desk.send_bar(n, 100 + n % 7, volume=20)  # 2 per bar: partial fills
+            await desk.send_intent(n, targets[n])
+
+    await stream(range(0, 12))
+    await desk.wait(lambda: len(desk.fills()) >= 2, "some fills")
+    desk.kill()  # mid-stream: intents and bars queue in the broker meanwhile
+    await stream(range(12, 24))
+    await desk.start()
+    await stream(range(24, 30))
+    for n in range(30, 40):  # bars only: let the last orders fill
+        await desk.send_bar(n, 100, volume=20)
+
+    def settled() -> bool:
+        decided = [r for r in desk.rows(intents) if r.status != "waiting"]
+        return len(decided) == 30 and not any(
+            r.status in ("new", "open", "partial") for r in desk.rows(orders)) and all(
+            r.delivered for r in desk.rows(outbox))
+
+    await desk.wait(settled, "every intent decided, every order settled, every event confirmed", 40)
+    order_rows = desk.rows(orders)
+    keys = [r.intent_key for r in order_rows]
+    assert len(keys) == len(set(keys))  # one order per intent at most
+    assert {r.client_order_id for r in order_rows} == {desk.coid(int(k.rsplit("-", 1)[1]))
+                                                        for k in keys}
+    events = desk.rows(outbox)
+    by_order: dict[str, int] = {}
+    for row in events:
+        if row.client_order_id:
+            by_order[row.client_order_id] = by_order.get(row.client_order_id, 0) + 1
+    assert {r.client_order_id: r.fills for r in order_rows if r.fills} == by_order
+    ledger = Ledger(db.make_engine(desk.url), Signer.load_or_create(desk.broker.state))
+    records = [r["data"] for r in ledger.records(chain_for(desk.account))]
+    assert sorted(r["event_id"] for r in records) == sorted(r.event_id for r in events)
+    net = sum(Decimal(r["qty"]) * (1 if r["side"] == "buy" else -1)
+              for r in records if r["kind"] == "fill")
+    (position,) = desk.rows(positions)
+    assert Decimal(position.qty) == net == Decimal(targets[29])
+    for row in order_rows:  # each order's fills add up to what it says it filled
+        mine = [r for r in records if r.get("order_id") == row.client_order_id]
+        assert sum(Decimal(r["qty"]) for r in mine) == Decimal(row.filled)
+
+
+async def test_paper_mode_never_opens_the_secret_store(broker: TestBroker, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    secrets = state / "secrets"
+    secrets.mkdir(parents=True)
+    account = f"acct{uuid.uuid4().hex[:8]}"
+    (secrets / f"exchange-{account}-api-key.enc").write_bytes(b"not a ciphertext")
+    secrets.chmod(0)
+    env = broker.env(CIRCLES_STATE_DIR=str(state), CIRCLES_EXECUTION__ACCOUNT=account,
+                     CIRCLES_BUS__PASSWORD=broker.password(NAME),
+                     CIRCLES_DATABASE__URL=f"sqlite:///{tmp_path / 'box.db'}")
+    status = await Collector.start(broker, str(registry.SERVICE_STATUS.topic(service=NAME)))
+    status.messages.clear()
+    proc = ServiceProcess(NAME, env, tmp_path)
+    try:
+        await status.wait(lambda ms: any(m.payload == b"online" for m in ms), 20, "online")
+        tester = broker.bus()
+        await tester.connect()
+        try:
+            reply = await tester.request(NAME, "positions", timeout=10)
+        finally:
+            await tester.close()
+        assert reply.ok and reply.result["mode"] == "paper"
+        assert not (state / "keys").exists()  # no keyring was even created
+    finally:
+        secrets.chmod(0o700)
+        proc.stop()
+        await status.close()
+
+
+def test_live_without_confirmation_exits_78_naming_the_key(broker: TestBroker, tmp_path: Path) -> None:
+    proc = ServiceProcess(NAME, broker.env(CIRCLES_EXECUTION__MODE="live"), tmp_path)
+    assert proc.wait(15) == 78
+    lines = proc.log.strip().splitlines()
+    assert len(lines) == 1 and "execution.live_confirmed" in lines[0], lines
+
+
+async def replay(tmp_path: Path, stream: list[Bar | OrderIntent]) -> list[TradeEvent]:
+    """Run the service on the in-memory bus (as the backtest will) over `stream`; its fills."""
+    from appliance.bus.memory import MemoryBroker, MemoryBus
+    from appliance.bus.topics import Filter
+    from appliance.config import DatabaseSettings, settings_class
+    from appliance.runtime import Runner
+    from modules.trading.execution.service import ExecutionService
+
+    settings = settings_class({NAME: ExecutionService.Settings})(
+        state_dir=tmp_path, database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'box.db'}"),
+        execution={"account": "replay"})
+    broker = MemoryBroker()
+    bus = MemoryBus(NAME, broker)
+    tester, events = MemoryBus("tester", broker), MemoryBus("events", broker)
+    for client in (bus, tester, events):
+        await client.connect()
+    await events.subscribe([(Filter(str(registry.TRADE_EVENT.filter())), 1)])
+    await tester.send(registry.TRADING_HALT, TradingHalt(halted=False, by="t", reason=""))
+    service = ExecutionService(settings, bus)
+    runner = Runner(service, bus)
+    await service.start()
+    await bus.subscribe(runner.filters())
+    try:
+        for item in stream:
+            if isinstance(item, Bar):
+                await tester.send(registry.MARKET_BAR, item, exchange=item.exchange,
+                                  symbol=item.symbol, timeframe=item.timeframe)
+            else:
+                await tester.send(registry.ORDER_INTENT, item, account="replay")
+            await runner.handle(await bus.receive(100, timeout=0.5))
+    finally:
+        await service.stop()
+    found = [TradeEvent.model_validate_json(m.payload) for m in await events.receive(1000, 0.1)]
+    return [e for e in found if e.kind == "fill"]
+
+
+async def test_a_replay_fills_the_same_whenever_the_intent_arrives(tmp_path: Path) -> None:
+    """Whether an intent arrives before or after the bars that fill it, the fills are the
+    same: a fast replay (bars far ahead of the pipeline) gives the live result."""
+    t0 = hour_ago()
+    bars = [make_bar("BTC/USDT", t0 + timedelta(minutes=n), 100 + n, volume=30)
+            for n in range(5)]  # 3 fill per bar
+    intent = make_intent("replay", "BTC/USDT", "replay-0", "7", t0)
+    early = await replay(tmp_path / "early", [bars[0], intent, *bars[1:]])
+    # Two bars after its own: as late as an intent may come (max_intent_age_bars = 2).
+    late = await replay(tmp_path / "late", [*bars[:3], intent, *bars[3:]])
+    assert [(e.event_id, e.qty, e.price, e.ts) for e in early] == \
+        [(e.event_id, e.qty, e.price, e.ts) for e in late]
+    assert [e.qty for e in early] == [3, 3, 1] and early[0].ts == bars[1].ts
