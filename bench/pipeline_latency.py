@@ -139,7 +139,8 @@ async def main(bars: int) -> None:
             await broker.provision(list(SERVICES) + ["market"])
             config = state / "bench.toml"
             config.write_text(CONFIG)
-            env = broker.env(CIRCLES_CONFIG=str(config))
+            env = broker.env(CIRCLES_CONFIG=str(config),  # production intervals, not the tests'
+                             CIRCLES_TRADE_LOGGER__METRICS_INTERVAL_S="5")
             watch = await Collector.start(broker, str(registry.SERVICE_STATUS.filter()),
                                           str(registry.TRADING_HALT.topic()))
             for name in SERVICES:

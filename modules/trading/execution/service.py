@@ -93,6 +93,7 @@ class ExecutionService(Service):
         self.positions_at = 0.0
         self.positions_dirty = True
         self.discrepancies: list[dict[str, str]] = []
+        self.confirmed: dict[tuple[str, str], str] = {}  # by the trade logger, not yet marked
         self.exchange: Exchange | None = None
         self.absent: set[str] = set()  # live: new orders known not to be at the exchange
         self.reconciled = False  # live: orders and balances compared with the exchange's
@@ -342,11 +343,11 @@ class ExecutionService(Service):
         event = fill_event(after, fill, after.fills, "ccxt" if self.live else "paper")
         await self._db(self.store.record_fill, after, moved, event)
         self.positions[order.symbol] = moved
+        await self.outbox.send(event)  # first: the ledger is what waits for it
         log.info("fill", extra={"client_order_id": order.client_order_id, "side": order.side,
                                 "qty": str(fill.qty), "price": str(fill.price),
                                 "status": after.status})
         await self._changed(after)
-        await self.outbox.send(event)
         await self._publish_positions()
         return after
 
@@ -392,10 +393,18 @@ class ExecutionService(Service):
 
     @subscribe(registry.TRADE_ACK, batch=True)
     async def on_acks(self, items: list[Received]) -> None:
+        # Marked in the database by the run loop, many at once: a confirmation lost to a
+        # crash only makes the event be sent again, which the trade logger ignores.
         outcomes = self.outbox.outcomes([item.data for item in items])
-        if outcomes:
-            await self._db(self.store.mark_delivered, outcomes)
-            self.outbox.confirmed(outcomes)
+        self.outbox.confirmed(outcomes)
+        self.confirmed.update(outcomes)
+
+    async def _resend(self) -> None:
+        """Record the confirmations received, then re-send what is still unconfirmed."""
+        if self.confirmed:
+            confirmed, self.confirmed = self.confirmed, {}
+            await self._db(self.store.mark_delivered, confirmed)
+        await self.outbox.resend(await self._db(self.store.undelivered))
 
     # -- retained state -------------------------------------------------------------------------
     async def _publish_orders(self) -> None:
@@ -426,7 +435,7 @@ class ExecutionService(Service):
     async def run(self) -> None:
         await self._publish_orders()
         await self._publish_positions()
-        await self.outbox.resend(await self._db(self.store.undelivered))
+        await self._resend()
         if self.live:
             await self._open_exchange()
         polled = 0.0
@@ -443,7 +452,7 @@ class ExecutionService(Service):
                 if poll:
                     polled = time.monotonic()
                 await self._live_pass(poll=poll)
-            await self.outbox.resend(await self._db(self.store.undelivered))
+            await self._resend()
             if self.positions_dirty and \
                     time.monotonic() - self.positions_at >= self.config.positions_interval_s:
                 async with self.lock:
