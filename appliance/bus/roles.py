@@ -33,6 +33,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 )}
 
 
+# Kinds of client a person adds as a device (`circles device add --kind …`).
+DEVICE_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k != "service")
+
+
 def role_name(kind: str, name: str | None = None) -> str:
     return f"{kind}-{slug(name)}" if KINDS[kind].identity and name else kind
 

@@ -72,7 +72,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from appliance.security.devices import DEVICE_KINDS
+    from appliance.bus.roles import DEVICE_KINDS  # light: `circles run` builds this parser
 
     dev = sub.add_parser("device", help="devices in the broker: ESP32 nodes, MT5 EAs, Home Assistant")
     dsub = dev.add_subparsers(dest="device_command", required=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.bus import registry
 from appliance.bus.admin import CLI_CLIENT, BrokerAdmin, client_secret
 from appliance.bus.broker import ADMIN_USER
-from appliance.bus.roles import role_name
+from appliance.bus.roles import DEVICE_KINDS, role_name
 from appliance.errors import CirclesError
 from appliance.files import write_atomically
 from appliance.security import audit as events
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from appliance.security.audit import AuditLog
     from appliance.security.secrets import SecretStore
 
-DEVICE_KINDS = ("esp32", "mt5", "homeassistant", "observer")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
