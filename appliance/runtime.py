@@ -105,6 +105,11 @@ class Service:
     def status_text(self) -> str:
         return "running"
 
+    def topic_values(self) -> dict[str, str]:
+        """Topic levels fixed by the settings (an `account`): every subscription whose
+        template has such a level is narrowed to it, unless its `@subscribe` names one."""
+        return {}
+
     async def rejected(self, message: Message, reason: str) -> None:
         """A message failed validation and went to the dead letters; a service may tell
         its publisher here (the trade logger answers on the account's ack topic)."""
@@ -130,8 +135,10 @@ class Runner:
         cmd = registry.SERVICE_CMD
         self.routes: list[tuple[Filter, TopicSpec, bool, Callable[..., Awaitable[Any]] | None]] = [
             (cmd.filter(service=service.name), cmd, False, None)]
+        fixed = service.topic_values()
         for spec, params, batch, attr in service._handlers:
-            self.routes.append((spec.filter(**params), spec, batch, getattr(service, attr)))
+            values = {k: v for k, v in fixed.items() if k in spec.params} | params
+            self.routes.append((spec.filter(**values), spec, batch, getattr(service, attr)))
         self._routed: dict[str, tuple[TopicSpec, bool, Any] | None] = {}  # topic → route
 
     def filters(self) -> list[tuple[Filter, int]]:

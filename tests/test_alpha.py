@@ -289,7 +289,7 @@ async def test_a_bar_on_another_feed_topic_is_a_dead_letter() -> None:
     await watch.send(registry.MARKET_BAR, b, exchange=b.exchange, symbol="ETH/USDT", timeframe="1m")
     await alpha.handle(await alpha.bus.receive(10, timeout=1))
     (letter,) = await watch.receive(10, 0.1)
-    assert letter.topic == "circles/dlq/alpha" and b"not the one of its topic" in letter.payload
+    assert letter.topic == "circles/dlq/alpha" and b"not the feed of its topic" in letter.payload
 
 
 # -- as a process on the real broker ---------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AwareDatetime, Field, field_validator, model_validator
 
 from appliance.bus.payloads import Payload, utcnow
+from appliance.bus.topics import slug
+from appliance.errors import ValidationFailed
 
 TIMEFRAMES: dict[str, int] = {
     "1m": 60, "3m": 180, "5m": 300, "15m": 900, "30m": 1800,
@@ -22,10 +24,6 @@ TIMEFRAMES: dict[str, int] = {
 Timeframe = Literal["1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "12h", "1d"]
 Side = Literal["buy", "sell"]
 Money = Field(max_digits=40, decimal_places=18)
-
-
-def timeframe_seconds(timeframe: str) -> int:
-    return TIMEFRAMES[timeframe]
 
 
 def _utc(value: datetime) -> datetime:
@@ -65,6 +63,18 @@ class Bar(Payload):
     @property
     def feed(self) -> tuple[str, str, str]:
         return self.exchange, self.symbol, self.timeframe
+
+    def topic_values(self) -> dict[str, str]:
+        """The topic levels of this bar's feed (`exchange`, `symbol`, `timeframe`)."""
+        return {"exchange": self.exchange, "symbol": self.symbol, "timeframe": self.timeframe}
+
+
+def check_feed(params: dict[str, str], bar: Bar) -> None:
+    """ValidationFailed unless the topic a message came on names the feed of the bar it
+    carries: the topic is the publisher's identity, the payload only a claim."""
+    if any(params.get(level) != slug(value) for level, value in bar.topic_values().items()):
+        raise ValidationFailed(f"the bar is of {bar.exchange} {bar.symbol} {bar.timeframe}, "
+                               "not the feed of its topic")
 
 
 class FeedState(Payload):
@@ -119,6 +129,7 @@ class OrderIntent(Payload):
     price: Decimal = Field(gt=0, max_digits=40, decimal_places=18,
                            description="the price sizing used (the bar's close)")
     bar_ts: AwareDatetime
+    timeframe: Timeframe | None = Field(None, description="the timeframe of the intent's bar")
     reason: str = ""
     ts: str = Field(default_factory=utcnow)
 

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from appliance.bus import registry, slug
 from appliance.bus.message import Received
-from appliance.bus.trading import Bar, Signals
+from appliance.bus.trading import Bar, Signals, check_feed
 from appliance.config import Section
 from appliance.errors import CirclesError
 from appliance.runtime import Service, subscribe
@@ -115,9 +115,7 @@ class AlphaService(Service):
     @subscribe(registry.MARKET_BAR)
     async def on_bar(self, msg: Received) -> None:
         bar: Bar = msg.data
-        if not _topic_names_feed(msg, bar):
-            await self.bus.dead_letter(msg.message, "the bar's feed is not the one of its topic")
-            return
+        check_feed(msg.params, bar)
         history = self.feeds.get(bar.feed)
         if history is None:
             history = self.feeds[bar.feed] = FeedHistory(self.config.history_bars)
@@ -176,9 +174,3 @@ class AlphaService(Service):
 
     def status_text(self) -> str:
         return f"{len(self.feeds)} feeds, {self.published} signals published"
-
-
-def _topic_names_feed(msg: Received, bar: Bar) -> bool:
-    params = msg.params
-    return (params.get("exchange"), params.get("symbol"), params.get("timeframe")) == (
-        slug(bar.exchange), slug(bar.symbol), slug(bar.timeframe))

@@ -23,9 +23,9 @@ from typing import Annotated
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from appliance.bus import registry, slug
+from appliance.bus import registry
 from appliance.bus.message import Received
-from appliance.bus.trading import TIMEFRAMES, Bar, ModelSignal, Signals, Target
+from appliance.bus.trading import TIMEFRAMES, Bar, ModelSignal, Signals, Target, check_feed
 from appliance.config import Section
 from appliance.runtime import Service, subscribe
 
@@ -111,9 +111,7 @@ class EnsembleService(Service):
     async def on_signals(self, msg: Received) -> None:
         signals: Signals = msg.data
         bar = signals.bar
-        if not _topic_names_feed(msg, bar):
-            await self.bus.dead_letter(msg.message, "the bar's feed is not the one of its topic")
-            return
+        check_feed(msg.params, bar)
         state = self.feeds.get(bar.feed)
         if state is not None and bar.ts <= state.bar.ts:
             log.debug("signals of a bar not newer than the last one; ignored",
@@ -156,10 +154,3 @@ class EnsembleService(Service):
 
     def status_text(self) -> str:
         return f"{len(self.feeds)} feeds, {self.published} targets published"
-
-
-def _topic_names_feed(msg: Received, bar: Bar) -> bool:
-    params = msg.params
-    return (params.get("exchange"), params.get("symbol"), params.get("timeframe")) == (
-        slug(bar.exchange), slug(bar.symbol), slug(bar.timeframe))
-

@@ -34,7 +34,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from appliance.bus import registry, slug
 from appliance.bus.message import Received
-from appliance.bus.trading import Bar, OrderIntent, Target
+from appliance.bus.trading import Bar, OrderIntent, Target, check_feed
 from appliance.config import Section
 from appliance.runtime import Service, subscribe
 
@@ -270,9 +270,7 @@ class SizingService(Service):
     async def on_target(self, msg: Received) -> None:
         target: Target = msg.data
         bar = target.bar
-        if not _topic_names_feed(msg, bar):
-            await self.bus.dead_letter(msg.message, "the bar's feed is not the one of its topic")
-            return
+        check_feed(msg.params, bar)
         state = self.feeds.get(bar.feed)
         if state is None:
             # The first bar has no previous close: its true range is its own range.
@@ -303,14 +301,8 @@ class SizingService(Service):
                            bar.timeframe, bar.ts),
             account=config.account, strategy_id=config.strategy_id, exchange=bar.exchange,
             symbol=bar.symbol, target_qty=sized.qty, price=decimal_price(bar.close),
-            bar_ts=bar.ts, reason=sized.reason,
+            bar_ts=bar.ts, timeframe=bar.timeframe, reason=sized.reason,
             ts=bar.close_time.isoformat(timespec="milliseconds"))
 
     def status_text(self) -> str:
         return f"{len(self.feeds)} feeds, {self.intents} intents, equity {self.equity:.2f}"
-
-
-def _topic_names_feed(msg: Received, bar: Bar) -> bool:
-    params = msg.params
-    return (params.get("exchange"), params.get("symbol"), params.get("timeframe")) == (
-        slug(bar.exchange), slug(bar.symbol), slug(bar.timeframe))
