@@ -213,7 +213,7 @@ async def test_intents_follow_targets_by_enough_and_once_per_bar() -> None:
     await pump([sizing])
     got = await watch.receive(100, timeout=0)
     intents = [OrderIntent.model_validate_json(m.payload) for m in got]
-    assert got[0].topic == "circles/sizing/paper/intent"
+    assert got[0].topic == str(registry.ORDER_INTENT.topic(account="paper"))
     # 0 (first after start), 5 (0.5 · 0.1 · 10000 / 100), 0.505 → 5.05 is a change of
     # 5 < 100 notional: none; 0.7 → 7; back to 0; 0 again: none; 1.0 with equity 10000 → 10.
     assert [(i.bar_ts.minute, i.target_qty) for i in intents] == [
@@ -279,7 +279,8 @@ async def test_alpha_ensemble_sizing_give_the_same_messages_twice(method: str) -
     assert first == second
     kinds = [topic.split("/")[-1] for topic, _ in first]
     assert kinds.count("signals") == 400 and kinds.count("target") == 400
-    intents = [OrderIntent.model_validate_json(p) for t, p in first if t.endswith("/intent")]
+    intents = [OrderIntent.model_validate_json(p) for t, p in first
+               if registry.ORDER_INTENT.parse(t) is not None]
     assert len(intents) > 10
     assert any(i.target_qty > 0 for i in intents) and any(i.target_qty < 0 for i in intents)
     assert len({i.key for i in intents}) == len(intents)

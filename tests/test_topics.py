@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from appliance import services
 from appliance.bus import Filter, Topic, registry, slug
 from appliance.bus.payloads import HomeState
 from appliance.bus.roles import acl_filters
@@ -93,6 +94,27 @@ def test_every_topic_is_declared_once() -> None:
     assert len(templates) == len(set(templates))
     assert len({s.name for s in registry.SPECS}) == len(registry.SPECS)
     assert registry.spec_for("circles/health/state") is registry.HEALTH_STATE
+
+
+def _could_meet(a: str, b: str) -> bool:
+    """Whether some topic fits both templates: same depth, and each level the same word or
+    a `{name}` in one of them that can take the other's word (`{service}` takes only the
+    names of services; an account or a device is whatever its owner calls it)."""
+    def fits(level: str, word: str) -> bool:
+        return level == word or level.startswith("{") and (
+            level != "{service}" or word.startswith("{") or word in services.names())
+
+    x, y = a.split("/"), b.split("/")
+    return len(x) == len(y) and all(fits(p, q) or fits(q, p) for p, q in zip(x, y, strict=True))
+
+
+def test_no_topic_can_be_read_as_two() -> None:
+    """A topic of one spec never fits another's template, whatever the names in it: an
+    account called `cmd` must not turn a position into a command, or a command into one."""
+    specs = registry.SPECS
+    clashes = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]
+               if _could_meet(a.template, b.template)]
+    assert clashes == []
 
 
 def test_roles_follow_the_design_table() -> None:

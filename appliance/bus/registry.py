@@ -40,7 +40,9 @@ TRADE_METRICS = _spec("trade_metrics", "circles/trade/{account}/metrics", retain
                       model=t.TradeMetrics,
                       pub="service:trade-logger", sub="service homeassistant")
 # The trading pipeline (docs/trading.md): market → alpha → ensemble → sizing → execution,
-# with risk owning the halt. Feeds are named by exchange, symbol and timeframe.
+# with risk owning the halt. Feeds are named by exchange, symbol and timeframe; per-account
+# topics put the account last (`circles/<service>/<kind>/<account>`), so no account name can
+# make one of them read as a command (`circles/<service>/cmd/<command>`).
 MARKET_BAR = _spec("market_bar", "circles/market/{exchange}/{symbol}/{timeframe}/bar",
                    model=tr.Bar, pub="service:market", sub="service")
 MARKET_FEED = _spec("market_feed", "circles/market/{exchange}/{symbol}/{timeframe}/feed",
@@ -51,13 +53,13 @@ ALPHA_SIGNALS = _spec("alpha_signals", "circles/alpha/{exchange}/{symbol}/{timef
 ENSEMBLE_TARGET = _spec("ensemble_target",
                         "circles/ensemble/{exchange}/{symbol}/{timeframe}/target",
                         model=tr.Target, pub="service:ensemble", sub="service")
-ORDER_INTENT = _spec("order_intent", "circles/sizing/{account}/intent", model=tr.OrderIntent,
+ORDER_INTENT = _spec("order_intent", "circles/sizing/intent/{account}", model=tr.OrderIntent,
                      pub="service:sizing", sub="service")
-ORDER_UPDATE = _spec("order_update", "circles/execution/{account}/order", model=tr.Order,
+ORDER_UPDATE = _spec("order_update", "circles/execution/order/{account}", model=tr.Order,
                      pub="service:execution", sub="service")
-OPEN_ORDERS = _spec("open_orders", "circles/execution/{account}/orders", retained=True,
+OPEN_ORDERS = _spec("open_orders", "circles/execution/orders/{account}", retained=True,
                     model=tr.Orders, pub="service:execution", sub="service homeassistant")
-POSITIONS = _spec("positions", "circles/execution/{account}/positions", retained=True,
+POSITIONS = _spec("positions", "circles/execution/positions/{account}", retained=True,
                   model=tr.Positions, pub="service:execution", sub="service homeassistant")
 RISK_STATE = _spec("risk_state", "circles/risk/state", retained=True, model=tr.RiskState,
                    pub="service:risk", sub="service homeassistant")
