@@ -4,9 +4,10 @@ It serves exactly what ccxt's `binance` class calls for spot trading: exchangeIn
 account, order (POST/GET/DELETE by newClientOrderId / origClientOrderId), openOrders,
 ping and time. Balances are kept, market orders fill at the last kline close (or at
 `prices[symbol]`), errors are Binance's own JSON, and every create request is counted per
-client order id (`created`) so a test can prove no order was sent twice. Signed requests
-must carry the API-key header, a timestamp within recvWindow and a valid HMAC-SHA256
-signature. `fail_next` injects errors, delays and timeouts.
+client order id (`created`) so a test can prove no order was sent twice; `times(path)` says
+when (by the fake's `clock()`) each request arrived. Signed requests must carry the API-key
+header, a timestamp within recvWindow and a valid HMAC-SHA256 signature. `fail_next`
+injects errors, delays and timeouts.
 
 Klines are generated from a deterministic formula of the open time, up to the fake's
 `clock()` (the last one still forming, as on Binance); `freeze_klines()` stops producing
@@ -126,6 +127,7 @@ class FakeExchange:
         self.orders: list[FakeOrder] = []
         self.created: Counter[str] = Counter()  # POST /api/v3/order requests per client order id
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.received_at: list[float] = []  # the fake's clock() at each request of `requests`
         self.clock: Callable[[], float] = time.time  # what "now" is for klines and orders
         self.frozen_at: float | None = None
         self.missing: set[tuple[str, str, int]] = set()  # (symbol id, interval, open ms) dropped
@@ -178,6 +180,12 @@ class FakeExchange:
         with self.lock:
             return sum(1 for m, p in self.requests if p == path and (method is None or m == method))
 
+    def times(self, path: str, method: str | None = None) -> list[float]:
+        """When (by the fake's `clock()`) each request to `path` arrived, oldest first."""
+        with self.lock:
+            return [at for (m, p), at in zip(self.requests, self.received_at, strict=True)
+                    if p == path and (method is None or m == method)]
+
     def freeze_klines(self) -> None:
         """Stop producing candles: nothing newer than now is ever served."""
         self.frozen_at = self.clock()
@@ -224,6 +232,7 @@ class FakeExchange:
                headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
         with self.lock:
             self.requests.append((method, path))
+            self.received_at.append(self.clock())
             if method == "POST" and path == "/api/v3/order":
                 params = dict(parse_qsl(body))
                 self.created[params.get("newClientOrderId", "")] += 1

@@ -8,7 +8,6 @@ import logging
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -16,15 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ccxt.base import errors as ccxt_errors
 
+from appliance.errors import ConfigError
 from appliance.logging import JsonFormatter
 from modules.trading.exchange import (
+    DuplicateOrder,
     Exchange,
     ExchangeFailure,
     ExchangeSettings,
     ExchangeUnavailable,
     OrderRejected,
     RateLimited,
+    capabilities_for,
+    require_live_ready,
 )
 from tests.fake_exchange import (
     API_KEY,
@@ -115,13 +119,17 @@ async def test_create_fetch_cancel_and_open_orders(fake_exchange: FakeExchange) 
     assert fake_exchange.created == {"c-market-1": 1, "c-limit-1": 1}
 
 
-async def test_rate_limit_waits_for_retry_after_then_succeeds(fake_exchange: FakeExchange) -> None:
+async def test_rate_limit_waits_for_retry_after_then_succeeds(
+        fake_exchange: FakeExchange, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="circles.exchange")
     async with opened(fake_exchange) as ex:
         fake_exchange.fail_next("/api/v3/klines", status=429, retry_after=0.4)
-        began = time.monotonic()
         assert len(await ex.fetch_ohlcv(BTC, "1m", limit=3)) == 3
-        assert time.monotonic() - began >= 0.4
-    assert fake_exchange.calls("/api/v3/klines") == 2
+    # The wait came from the Retry-After header (ccxt's own spacing would say 1 s), and the
+    # request was sent again only after it, as the fake saw the two requests arrive.
+    assert [getattr(r, "wait_s", None) for r in caplog.records if r.getMessage() == "rate limited"] == [0.4]
+    refused, served = fake_exchange.times("/api/v3/klines")
+    assert served - refused >= 0.4
 
 
 async def test_a_long_ban_is_raised_at_once_and_kept(fake_exchange: FakeExchange) -> None:
@@ -245,6 +253,104 @@ async def test_the_breaker_opens_then_lets_a_trial_through(fake_exchange: FakeEx
         assert fake_exchange.calls("/api/v3/klines") == 3  # failed fast, nothing sent
         await asyncio.sleep(0.35)
         assert len(await ex.fetch_ohlcv(BTC, "1m", limit=2)) == 2
+
+
+class ScriptedClient:
+    """A stand-in for a ccxt client whose create_order raises what the test scripts and whose
+    fetch_order answers from `held`: for what the fake Binance never says (ccxt's binance
+    class never raises DuplicateOrderId)."""
+
+    def __init__(self, create_error: Exception, held: dict[str, Any] | None) -> None:
+        self.create_error, self.held = create_error, held
+        self.creates = self.fetches = 0
+
+    async def create_order(self, *args: Any) -> dict[str, Any]:
+        self.creates += 1
+        raise self.create_error
+
+    async def fetch_order(self, order_id: Any, symbol: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.fetches += 1
+        if self.held is None:
+            raise ccxt_errors.OrderNotFound("binance Order does not exist.")
+        return self.held
+
+
+@pytest.mark.parametrize("error", [
+    ccxt_errors.DuplicateOrderId("binance clOrdId already used"),  # what ccxt says for some exchanges
+    ccxt_errors.InvalidOrder('binance {"code":-2010,"msg":"Duplicate order sent."}'),  # Binance's way
+])
+async def test_a_refused_duplicate_id_is_translated_and_answered_with_the_held_order(
+        error: Exception) -> None:
+    held = {"id": "42", "clientOrderId": "c-held", "symbol": BTC, "side": "buy", "amount": 0.01,
+            "filled": 0.0, "status": "open"}
+    client = ScriptedClient(error, held)
+    ex = Exchange(ExchangeSettings(backoff_s=0.01), client, ccxt_errors)
+    order = await ex.create_order(BTC, "buy", Decimal("0.01"), "c-held")
+    assert (order.id, order.status, client.creates, client.fetches) == ("42", "open", 1, 1)
+
+    gone = ScriptedClient(error, None)
+    ex = Exchange(ExchangeSettings(backoff_s=0.01), gone, ccxt_errors)
+    with pytest.raises(DuplicateOrder):  # a duplicate the exchange cannot show: refused, not re-sent
+        await ex.create_order(BTC, "buy", Decimal("0.01"), "c-held")
+    assert (gone.creates, gone.fetches) == (1, 1)
+
+
+async def test_a_refusal_that_is_no_duplicate_is_not_looked_up() -> None:
+    client = ScriptedClient(ccxt_errors.InsufficientFunds(
+        'binance {"code":-2010,"msg":"Account has insufficient balance for requested action."}'), None)
+    ex = Exchange(ExchangeSettings(backoff_s=0.01), client, ccxt_errors)
+    with pytest.raises(OrderRejected) as raised:
+        await ex.create_order(BTC, "buy", Decimal("0.01"), "c-poor")
+    assert not isinstance(raised.value, DuplicateOrder)
+    assert (client.creates, client.fetches) == (1, 0)
+
+
+@pytest.mark.parametrize("exchange_id,ready", [("binance", True), ("binanceus", True),
+                                               ("bybit", True), ("okx", True), ("kucoin", False),
+                                               ("kraken", False)])
+def test_live_trading_needs_a_lookup_by_client_order_id(exchange_id: str, ready: bool) -> None:
+    caps = capabilities_for(exchange_id)
+    assert caps.live_ready is ready is caps.fetch_order_by_client_id
+    assert (caps.live_refusal == "") is ready
+    if ready:
+        assert require_live_ready(exchange_id) is caps
+        return
+    with pytest.raises(ConfigError) as raised:
+        require_live_ready(exchange_id)
+    message = str(raised.value)
+    assert message.startswith(f"config: execution.exchange.id: {exchange_id!r} cannot be traded live")
+    assert "client order id" in message and "binance, binanceus, bybit, okx" in message
+    assert raised.value.exit_code == 78
+    with pytest.raises(ConfigError, match="config: other.key: "):
+        require_live_ready(exchange_id, key="other.key")
+
+
+def test_the_boundary_keeps_every_name_and_splits_errors_and_capabilities() -> None:
+    code = ("import json, sys\n"
+            "import modules.trading.exchange_errors as errors, "
+            "modules.trading.exchange_capabilities as caps, modules.trading.exchange_orders as orders\n"
+            "from modules.trading.exchange import (ExchangeSettings, Exchange, RateLimited, "
+            "ExchangeUnavailable, OrderRejected, ExchangeFailure, ExchangeOrder, OrderNotFound, "
+            "CircuitOpen, UnknownExchange, DuplicateOrder, Capabilities, CAPABILITIES, "
+            "capabilities_for, require_live_ready, Candle)\n"
+            "assert RateLimited is errors.RateLimited and DuplicateOrder is errors.DuplicateOrder\n"
+            "assert Capabilities is caps.Capabilities and require_live_ready is caps.require_live_ready\n"
+            "assert ExchangeOrder is orders.ExchangeOrder\n"
+            "print(json.dumps('ccxt' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) is False
+
+
+def test_exchange_settings_name_the_keys_they_are_read_from() -> None:
+    from modules.trading.execution.settings import ExecutionSettings
+    from modules.trading.market.settings import MarketSettings
+
+    assert MarketSettings.model_fields["ccxt"].annotation is ExchangeSettings
+    assert ExecutionSettings.model_fields["exchange"].annotation is ExchangeSettings
+    doc = ExchangeSettings.__doc__ or ""
+    assert "[market.ccxt]" in doc and "[execution.exchange]" in doc and "execution.ccxt" not in doc
 
 
 def test_importing_the_boundary_does_not_import_ccxt() -> None:

@@ -52,6 +52,10 @@ class ManualClock:
         self._sleepers.append((when, waiter))
         await waiter
 
+    def waits(self) -> list[float]:
+        """The times the sleepers wait for."""
+        return [when for when, _ in self._sleepers]
+
     def advance(self, seconds: float) -> None:
         self._now += seconds
         due = [(w, f) for w, f in self._sleepers if w <= self._now]
@@ -299,6 +303,22 @@ def test_replay_file_errors_in_parquet_name_the_row_and_times_may_be_epoch_ms(tm
         ReplayFile(tmp_path / "nope.csv", "X", None).check()
 
 
+def test_a_parquet_replay_without_pyarrow_exits_78_saying_what_to_install(
+        broker: TestBroker, tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "bars.parquet", rows(5))  # a good file
+    # The service as `circles run market` starts it, in a Python where pyarrow cannot be imported.
+    code = ("import runpy, sys; sys.modules['pyarrow'] = None; sys.argv = ['circles', 'run', 'market']; "
+            "runpy.run_module('appliance.cli', run_name='__main__', alter_sys=True)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=broker.env(CIRCLES_MARKET__SOURCE="replay",
+                                         CIRCLES_MARKET__REPLAY__FILE=str(path)))
+    output = done.stdout + done.stderr
+    assert done.returncode == 78, output
+    assert "market.replay.file" in output and str(path) in output
+    assert "needs pyarrow" in output and "pip install 'circles[parquet]'" in output
+    assert "Traceback" not in output
+
+
 def test_replay_without_a_file_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('[market]\nsource = "replay"\n')
     monkeypatch.setenv("CIRCLES_CONFIG", str(tmp_path / "c.toml"))
@@ -359,6 +379,42 @@ async def test_exchange_bars_closed_only_with_gaps_and_staleness(fake_exchange: 
         assert fake_exchange.calls("/api/v3/klines") >= 9
         reply = await run.request("feeds")
         assert reply["feeds"][0]["stale"] is False and reply["phase"] == "running"
+
+
+async def test_a_failed_poll_is_tried_again_soon_not_at_the_next_close(fake_exchange: FakeExchange) -> None:
+    start = T0 - T0 % 300  # a 5m boundary
+    clock = ManualClock(start + 10)
+    fake_exchange.clock = clock.now
+    ccxt = ExchangeSettings(urls=fake_exchange.urls(), retries=0, backoff_s=0.01,
+                            breaker_failures=100)  # the breaker counts real seconds, not the clock's
+    async with running(exchange_config(fake_exchange, timeframes=["5m"], ccxt=ccxt), clock) as run:
+        await until(lambda: run.service.phase == "running", what="history from the exchange")
+        fake_exchange.fail_next("/api/v3/klines", times=8, status=503)
+        before = fake_exchange.calls("/api/v3/klines")
+        # The bar closing at +300 is asked for at +302 (poll_delay_s); it fails, and is asked
+        # for again 5, 10, 20, 40 s later, then every 60 s — but no later than the next
+        # regular poll (+602), which fetches both bars.
+        polls = [302, 307, 317, 337, 377, 437, 497, 557, 602]
+
+        async def poll(n: int, due: float) -> None:
+            """Once the feed sleeps until `due`, move the clock there and see it ask."""
+            await until(lambda: due in clock.waits(), what=f"a poll due at +{due - start:g}")
+            clock.advance(due - clock.now())
+            await until(lambda: fake_exchange.calls("/api/v3/klines") == before + n, what=f"poll {n}")
+
+        for n, offset in enumerate(polls, 1):
+            await poll(n, start + offset)
+            if n == 1:
+                feed = await until(lambda: run.service.source.problem(("binance", "BTC/USDT", "5m")),
+                                   what="the reason the feed is behind")
+                (state,) = (await run.request("feeds"))["feeds"]
+                assert state["reason"] == feed and "bars not fetched" in feed and "503" in feed
+                assert state["stale"] is False
+        bars = await until(lambda: run.bars() if len(run.bars()) == 2 else None, what="both bars")
+        assert [(b.ts.timestamp() - start, b.gap) for b in bars] == [(0, 0), (300, 0)]
+        assert [t - start for t in fake_exchange.times("/api/v3/klines")[before:]] == polls
+        (state,) = (await run.request("feeds"))["feeds"]
+        assert state["reason"] == ""
 
 
 @pytest.mark.parametrize("overrides,key", [({"symbols": ["NOPE/USDT"]}, "market.symbols"),

@@ -9,6 +9,10 @@ that never trades must not pay for it.
 Orders are never sent twice blindly: when a create fails in a way that leaves its fate
 unknown (a timeout, a dropped connection, a 5xx), the exchange is asked for the client
 order id first, and the order is sent again only when the exchange does not know it.
+
+What it raises is in `exchange_errors`, what differs between exchanges (and which of them
+may be traded live) in `exchange_capabilities`, the order type it hands on in
+`exchange_orders`; every name is re-exported from here.
 """
 
 from __future__ import annotations
@@ -17,29 +21,56 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import Field
 
 from appliance import logging as circles_logging
 from appliance.config import Section
-from appliance.errors import CirclesError, OperationalError, TemporaryError
+from modules.trading.exchange_capabilities import (
+    CAPABILITIES,
+    DEFAULT_CAPABILITIES,
+    Capabilities,
+    capabilities_for,
+    live_exchanges,
+    require_live_ready,
+)
+from modules.trading.exchange_errors import (
+    CircuitOpen,
+    DuplicateOrder,
+    ExchangeError,
+    ExchangeFailure,
+    ExchangeUnavailable,
+    OrderNotFound,
+    OrderRejected,
+    RateLimited,
+    UnknownExchange,
+)
+from modules.trading.exchange_orders import Candle, ExchangeOrder, order_from_ccxt, to_decimal
+
+# The errors, the capability table and the order type live in their own modules; every
+# name stays importable from here, the one boundary module callers know.
+__all__ = [
+    "CAPABILITIES", "DEFAULT_CAPABILITIES", "Candle", "Capabilities", "CircuitOpen",
+    "DuplicateOrder", "Exchange", "ExchangeError", "ExchangeFailure", "ExchangeOrder",
+    "ExchangeSettings", "ExchangeUnavailable", "OrderNotFound", "OrderRejected", "RateLimited",
+    "UnknownExchange", "capabilities_for", "live_exchanges", "require_live_ready",
+]
 
 log = logging.getLogger("circles.exchange")
 T = TypeVar("T")
 # Without a Retry-After, a rate-limited call waits this many times the exchange's own
 # spacing between requests (ccxt's `rateLimit`), doubled on each further refusal.
 RATE_LIMIT_FACTOR = 20
-ORDER_STATUSES = {"open": "open", "closed": "closed", "canceled": "canceled",
-                  "cancelled": "canceled", "rejected": "rejected", "expired": "expired",
-                  "canceling": "open"}
+DUPLICATE_TEXT = "duplicat"  # "duplicate", "duplicated" in the exchanges' own messages
 
 
 class ExchangeSettings(Section):
-    """How to reach one exchange through ccxt (`[market.ccxt]`, `[execution.ccxt]`, …).
-    Credentials are not settings: they are passed to `Exchange.open` from the secret store."""
+    """How to reach one exchange through ccxt: `[market.ccxt]` (the market service's exchange
+    source) and `[execution.exchange]` (live execution). Credentials are not settings: they
+    are passed to `Exchange.open` from the secret store."""
 
     id: str = Field("binance", min_length=1, description="the ccxt exchange id")
     urls: dict[str, Any] = Field(default_factory=dict,
@@ -54,136 +85,6 @@ class ExchangeSettings(Section):
     breaker_reset_s: float = Field(60.0, ge=0)
     rate_limit_max_wait_s: float = Field(60.0, ge=0, description=(
         "a rate limit asking for a longer pause is raised at once (RateLimited) instead"))
-
-
-class ExchangeError(CirclesError):
-    """Base of what the boundary raises (never a ccxt exception)."""
-
-
-class RateLimited(ExchangeError, TemporaryError):
-    """The exchange asked us to slow down; `retry_after_s` says for how long."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class ExchangeUnavailable(ExchangeError, TemporaryError):
-    """Network error, timeout, 5xx, maintenance, or the circuit breaker is open."""
-
-
-class CircuitOpen(ExchangeUnavailable):
-    """Failed fast: the breaker is open after too many failures in a row; nothing was sent."""
-
-
-class OrderRejected(ExchangeError):
-    """This order (or this request about one order) was refused: insufficient funds, an
-    invalid order, an amount below the minimum, an unknown symbol. The service goes on."""
-
-
-class OrderNotFound(OrderRejected):
-    """The exchange does not know that order."""
-
-
-class ExchangeFailure(ExchangeError, OperationalError):
-    """Authentication refused, a permission missing, anything not understood: report and stop."""
-
-
-class UnknownExchange(ExchangeFailure):
-    """ccxt has no exchange of that id (a configuration mistake)."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What differs between exchanges, looked up in `CAPABILITIES` by ccxt id."""
-
-    client_order_id_param: str = "clientOrderId"  # create_order's param naming our id
-    client_order_id_query: str = "clientOrderId"  # fetch/cancel's param naming it
-    fetch_order_by_client_id: bool = False  # else: searched among open and recent orders
-    ohlcv_limit: int = 500  # candles per fetch_ohlcv request
-    client_order_id_max: int = 36
-    # The ccxt option holding how long (ms) a signed request stays valid after it was sent;
-    # once that has passed, a create that timed out can no longer be taken by the exchange.
-    request_window_option: str | None = None
-    # Texts of errors that refuse one order although ccxt files them under a generic error
-    # (Binance's "Filter failure: NOTIONAL" is -1013, a plain ExchangeError for spot).
-    order_refusals: tuple[str, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)  # ccxt options this boundary needs
-
-
-_BINANCE = Capabilities(
-    client_order_id_param="newClientOrderId", client_order_id_query="origClientOrderId",
-    fetch_order_by_client_id=True, ohlcv_limit=1000, client_order_id_max=36,
-    request_window_option="recvWindow", order_refusals=("Filter failure:",),
-    # Spot only: no futures/options market lists, no private currency list, no margin pairs.
-    options={"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False,
-             "fetchMargins": False, "fetchOpenOrders": {"warnWithoutSymbol": False}})
-CAPABILITIES: dict[str, Capabilities] = {
-    "binance": _BINANCE,
-    "binanceus": _BINANCE,
-    "bybit": Capabilities(fetch_order_by_client_id=True, ohlcv_limit=1000),
-    "okx": Capabilities(fetch_order_by_client_id=True, ohlcv_limit=300, client_order_id_max=32),
-    "kucoin": Capabilities(ohlcv_limit=1500, client_order_id_max=40),
-}
-DEFAULT_CAPABILITIES = Capabilities()
-
-
-def capabilities_for(exchange_id: str) -> Capabilities:
-    return CAPABILITIES.get(exchange_id, DEFAULT_CAPABILITIES)
-
-
-@dataclass(frozen=True)
-class ExchangeOrder:
-    """One order as the exchange reports it. `status` is one of open, closed, canceled,
-    rejected, expired."""
-
-    id: str | None
-    client_order_id: str
-    symbol: str
-    side: str
-    amount: Decimal
-    filled: Decimal
-    average: Decimal | None
-    status: str
-    fee: Decimal
-    fee_currency: str | None
-    timestamp_ms: int | None
-
-
-Candle = tuple[int, float, float, float, float, float]
-
-
-def _dec(value: Any, default: Decimal | None = Decimal(0)) -> Decimal | None:
-    if value is None or value == "":
-        return default
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
-        return default
-
-
-def _order(raw: dict[str, Any], *, client_order_id: str | None = None, symbol: str | None = None,
-           side: str | None = None, amount: Decimal | None = None) -> ExchangeOrder:
-    """An ExchangeOrder from ccxt's unified order; the keywords fill what the exchange left out."""
-    fee, fee_currency = Decimal(0), None
-    fees = [f for f in (raw.get("fees") or ([raw["fee"]] if raw.get("fee") else [])) if f]
-    if fees:
-        fee_currency = fees[0].get("currency")
-        fee = sum((_dec(f.get("cost")) or Decimal(0) for f in fees
-                   if f.get("currency") == fee_currency), Decimal(0))
-    filled = _dec(raw.get("filled")) or Decimal(0)
-    average = _dec(raw.get("average"), None)
-    if average is not None and (average == 0 and filled == 0):
-        average = None
-    status = ORDER_STATUSES.get(str(raw.get("status") or "open"), "open")
-    return ExchangeOrder(
-        id=None if raw.get("id") is None else str(raw["id"]),
-        client_order_id=str(raw.get("clientOrderId") or client_order_id or ""),
-        symbol=str(raw.get("symbol") or symbol or ""),
-        side=str(raw.get("side") or side or ""),
-        amount=_dec(raw.get("amount"), amount) or Decimal(0),
-        filled=filled, average=average, status=status, fee=fee, fee_currency=fee_currency,
-        timestamp_ms=None if raw.get("timestamp") is None else int(raw["timestamp"]))
 
 
 class Exchange:
@@ -270,7 +171,7 @@ class Exchange:
     async def fetch_balance(self) -> dict[str, Decimal]:
         """The total (free + used) of every currency the exchange reports."""
         raw = await self._call("fetch_balance", self._client.fetch_balance)
-        return {code: _dec(total) or Decimal(0) for code, total in (raw.get("total") or {}).items()}
+        return {code: to_decimal(total) or Decimal(0) for code, total in (raw.get("total") or {}).items()}
 
     async def create_order(self, symbol: str, side: str, amount: Decimal, client_order_id: str,
                            *, type: str = "market", price: Decimal | None = None) -> ExchangeOrder:
@@ -293,7 +194,7 @@ class Exchange:
             try:
                 raw = await self._call("create_order", self._client.create_order, *args,
                                        retry_unavailable=False)
-                return _order(raw, client_order_id=client_order_id, symbol=symbol, side=side,
+                return order_from_ccxt(raw, client_order_id=client_order_id, symbol=symbol, side=side,
                               amount=amount)
             except CircuitOpen:
                 raise  # nothing sent now, and any earlier send was confirmed not taken
@@ -307,9 +208,7 @@ class Exchange:
                     return known
                 if attempt > self.settings.retries:
                     raise
-            except OrderRejected as exc:
-                if "duplicate" not in str(exc).lower():
-                    raise
+            except DuplicateOrder:
                 known = await self.fetch_order(symbol, client_order_id)
                 if known is None:
                     raise
@@ -324,9 +223,11 @@ class Exchange:
             raw = await self._call("fetch_order", self._client.fetch_order, None, symbol, params)
         except OrderNotFound:
             return None
-        return _order(raw, client_order_id=client_order_id, symbol=symbol)
+        return order_from_ccxt(raw, client_order_id=client_order_id, symbol=symbol)
 
     async def _search_order(self, symbol: str, client_order_id: str) -> ExchangeOrder | None:
+        # Not authoritative: an order in neither list (filled long ago, past the page) looks
+        # unknown. Hence such exchanges are refused for live trading (`require_live_ready`).
         for order in await self.fetch_open_orders(symbol):
             if order.client_order_id == client_order_id:
                 return order
@@ -335,13 +236,13 @@ class Exchange:
                                     symbol, None, 100)
             for raw in raws:
                 if raw.get("clientOrderId") == client_order_id:
-                    return _order(raw, symbol=symbol)
+                    return order_from_ccxt(raw, symbol=symbol)
         return None
 
     async def fetch_open_orders(self, symbol: str | None = None) -> list[ExchangeOrder]:
         """The account's open orders (of one symbol, or all)."""
         raws = await self._call("fetch_open_orders", self._client.fetch_open_orders, symbol)
-        return [_order(raw, symbol=symbol) for raw in raws]
+        return [order_from_ccxt(raw, symbol=symbol) for raw in raws]
 
     async def cancel_order(self, symbol: str, client_order_id: str) -> ExchangeOrder | None:
         """Cancel the order placed under `client_order_id` and return it as it stands; an
@@ -360,7 +261,7 @@ class Exchange:
         except OrderRejected:  # unknown, or filled or cancelled meanwhile: say how it ended
             return await self.fetch_order(symbol, client_order_id)
         # A cancel answer may carry the cancel request's own client id; ours is the order's.
-        return replace(_order(raw, symbol=symbol), client_order_id=client_order_id)
+        return replace(order_from_ccxt(raw, symbol=symbol), client_order_id=client_order_id)
 
     # -- precision ---------------------------------------------------------------------------
     def amount_to_precision(self, symbol: str, amount: Decimal) -> Decimal:
@@ -384,7 +285,7 @@ class Exchange:
         market = self._client.markets.get(symbol) if self._client.markets else None
         if market is None:
             raise OrderRejected(f"{self.id} has no market {symbol!r}")
-        return _dec(((market.get("limits") or {}).get(kind) or {}).get("min")) or Decimal(0)
+        return to_decimal(((market.get("limits") or {}).get(kind) or {}).get("min")) or Decimal(0)
 
     # -- the one way out ---------------------------------------------------------------------
     async def _call(self, what: str, method: Callable[..., Awaitable[T]], *args: Any,
@@ -433,6 +334,15 @@ class Exchange:
             return RateLimited(text, self._retry_after(exc))
         if isinstance(exc, e.OrderNotFound):
             return OrderNotFound(text)
+        if isinstance(exc, e.DuplicateOrderId):
+            return DuplicateOrder(text)
+        if what == "create_order" and isinstance(exc, e.InvalidOrder | e.BadRequest) and \
+                DUPLICATE_TEXT in str(exc).lower():
+            # Fallback: the ccxt classes of binance, bybit, okx and kucoin map their
+            # "duplicate client order id" codes to a plain InvalidOrder/BadRequest (Binance's
+            # -2010 "Duplicate order sent." is also its code for "insufficient balance"), so
+            # only the exchange's own text tells a duplicate from a refusal.
+            return DuplicateOrder(text)
         if isinstance(exc, e.InsufficientFunds | e.InvalidOrder | e.BadSymbol | e.OperationRejected):
             return OrderRejected(text)
         if what == "create_order" and isinstance(exc, e.BadRequest):

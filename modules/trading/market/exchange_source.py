@@ -4,7 +4,9 @@ At start the last `history_bars` closed bars of each feed are fetched (kept, not
 published). Then each feed is polled once per timeframe close (plus `poll_delay_s`) with
 `since` = the next expected bar, and every new closed bar is published in order; the
 still-forming last candle never is. A bar the exchange skipped shows as a gap on the next
-one. The boundary spaces requests by the exchange's rate limit and retries its failures.
+one. The boundary spaces requests by the exchange's rate limit and retries its failures;
+a poll that still fails is tried again with a capped backoff (5 s … 60 s, never past the
+next close) and the feed's state says why it is behind meanwhile.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from pydantic import ValidationError
 
 from appliance.bus.trading import TIMEFRAMES, Bar
 from appliance.errors import ConfigError, TemporaryError
-from modules.trading.exchange import Candle, Exchange, UnknownExchange
+from modules.trading.exchange import Candle, Exchange, RateLimited, UnknownExchange
 from modules.trading.market.clock import Clock, bar_open
 from modules.trading.market.feed import FeedKey, Publish, utc_ms
 from modules.trading.market.settings import MarketSettings
 
 log = logging.getLogger("circles.market")
+# A poll that failed (after the boundary's own retries) is tried again after 5 s, 10 s, …
+# at most 60 s apart, and never later than the next regular poll.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 60.0
 
 
 class ExchangeSource:
@@ -80,22 +86,29 @@ class ExchangeSource:
 
     async def _poll(self, key: FeedKey, publish: Publish) -> None:
         step = TIMEFRAMES[key[2]]
-        catching_up = False
+        wake = self._next_poll(key[2])
+        failures = 0
         while True:
-            if not catching_up:
-                await self.clock.sleep_until(bar_open(self.clock.now(), key[2]) + step
-                                             + self.settings.poll_delay_s)
+            await self.clock.sleep_until(wake)
             now_ms = int(self.clock.now() * 1000)
             last = self.last_ms.get(key)
             since = last + step * 1000 if last is not None else (bar_open(now_ms / 1000, key[2]) - step) * 1000
             try:
                 bars = await self._fetch(key, since, now_ms)
             except TemporaryError as exc:
-                self.problems[key] = str(exc)
+                # The boundary's own retries are spent. Waiting for the next close would leave
+                # the feed an hour behind on 1h (a day on 1d): ask again sooner, backing off.
+                failures += 1
+                delay = min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S)
+                if isinstance(exc, RateLimited):  # the exchange said how long to keep quiet
+                    delay = max(delay, exc.retry_after_s)
+                wake = min(self.clock.now() + delay, self._next_poll(key[2]))
+                self.problems[key] = f"bars not fetched, trying again: {exc}"
                 log.warning("no bars from the exchange this time",
-                            extra={"feed": list(key), "error": str(exc)})
-                catching_up = False
+                            extra={"feed": list(key), "error": str(exc),
+                                   "retry_in_s": round(wake - self.clock.now(), 3)})
                 continue
+            failures = 0
             self.problems.pop(key, None)
             for bar in bars:
                 await publish(bar)
@@ -103,6 +116,12 @@ class ExchangeSource:
             # A full page may have more behind it (after an outage): ask again at once.
             assert self.exchange is not None
             catching_up = len(bars) >= self.exchange.capabilities.ohlcv_limit - 1
+            wake = self.clock.now() if catching_up else self._next_poll(key[2])
+
+    def _next_poll(self, timeframe: str) -> float:
+        """The next poll time after now: `poll_delay_s` after a bar's close."""
+        delay = self.settings.poll_delay_s
+        return bar_open(self.clock.now() - delay, timeframe) + TIMEFRAMES[timeframe] + delay
 
     async def _fetch(self, key: FeedKey, since_ms: int, now_ms: int) -> list[Bar]:
         """Closed bars of `key` opened at or after `since_ms`, oldest first."""

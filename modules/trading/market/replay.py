@@ -9,6 +9,9 @@ The whole file is checked at start, so a bad file stops the service before anyth
 published (ConfigError naming `market.replay.file`, the file and the line — the row for
 Parquet). Rows are then read again in chunks while publishing, so a large file is never
 held in memory. Missing bars are not errors: they show as `Bar.gap`.
+
+Parquet needs pyarrow, an optional extra (`pip install 'circles[parquet]'`); without it a
+Parquet file stops the service the same way, saying so.
 """
 
 from __future__ import annotations
@@ -112,8 +115,11 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq  # lazily: only a Parquet replay needs pyarrow
-
+    try:
+        import pyarrow.parquet as pq  # lazily: only a Parquet replay needs pyarrow
+    except ImportError:  # an optional extra: `circles[parquet]`
+        raise _fail(path, "file", "replaying a Parquet file needs pyarrow, which is not installed: "
+                                  "pip install 'circles[parquet]' (or replay a CSV file)") from None
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors have no common base

@@ -48,7 +48,8 @@ class SyntheticSettings(Section):
 
 
 class ReplaySettings(Section):
-    """Replay of an OHLCV file, CSV or Parquet, with the columns `ts` (ISO 8601, naive =
+    """Replay of an OHLCV file, CSV or Parquet (Parquet needs the extra `circles[parquet]`,
+    i.e. pyarrow), with the columns `ts` (ISO 8601, naive =
     UTC, or epoch milliseconds), `open`, `high`, `low`, `close`, `volume` and optionally
     `symbol`. Rows must be in time order per symbol without duplicate times; missing bars
     are reported as `Bar.gap`, not refused."""
