@@ -1,4 +1,5 @@
-"""Test helpers: a real broker, a tester client, running a service as a process."""
+"""Test helpers: a real broker, a tester client, running a service as a process; and a
+service on the in-memory bus, driven by hand."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.bus import BrokerAddress, Filter, Message, MqttBus
+from appliance.bus import BrokerAddress, Filter, MemoryBroker, MemoryBus, Message, MqttBus
 from appliance.bus.admin import BrokerAdmin
+from appliance.config import settings_class
 from appliance.errors import AuthError
+from appliance.runtime import Runner, Service
 from appliance.security.secrets import ensure_secret, read_secret
 from appliance.supervisor import Broker, free_port
 
@@ -204,3 +207,38 @@ async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:
             return False
     finally:
         await watch.close()
+
+
+# -- a service on the in-memory bus, driven by hand -----------------------------------------
+async def wire(broker: MemoryBroker, service_cls: type[Service], **config: Any) -> Runner:
+    """A service on the in-memory bus, started and subscribed (its `run()` is not), with
+    `config` as its settings section."""
+    section = service_cls.Settings(**config)
+    settings = settings_class({service_cls.name: service_cls.Settings})(**{service_cls.name: section})
+    bus = MemoryBus(service_cls.name, broker)
+    runner = Runner(service_cls(settings, bus), bus)
+    await bus.connect()
+    await runner.service.start()
+    await bus.subscribe(runner.filters())
+    return runner
+
+
+async def watcher(broker: MemoryBroker, *filters: str) -> MemoryBus:
+    """A client of the in-memory bus that receives `filters` and may send anything."""
+    bus = MemoryBus("watch", broker, status=False)
+    await bus.connect()
+    await bus.subscribe([(Filter(f), 1) for f in filters])
+    return bus
+
+
+async def pump(runners: list[Runner]) -> None:
+    """Let every runner handle what it received, in a fixed order, until all are idle."""
+    while True:
+        moved = False
+        for runner in runners:
+            batch = await runner.bus.receive(1000, timeout=0)
+            if batch:
+                await runner.handle(batch)
+                moved = True
+        if not moved:
+            return

@@ -17,18 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from appliance.bus import Filter, MemoryBroker, MemoryBus, registry
+from appliance.bus import MemoryBroker, MemoryBus, registry
 from appliance.bus.payloads import CommandRequest
 from appliance.bus.trading import Bar, Signals
-from appliance.config import settings_class
-from appliance.runtime import Runner, Service
+from appliance.runtime import Service
 from modules.trading.alpha.history import FeedHistory
 from modules.trading.alpha.models import REGISTRY, History
 from modules.trading.alpha.models.breakout import Breakout, BreakoutParams
 from modules.trading.alpha.models.ma_cross import MaCross, MaCrossParams, efficiency_ratio, ema
 from modules.trading.alpha.models.rsi_reversion import RsiReversion, RsiReversionParams, rsi
 from modules.trading.alpha.service import AlphaService, AlphaSettings, ModelConfig
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import Collector, ServiceProcess, TestBroker, watcher, wire
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -200,25 +199,6 @@ class FakeMarket(Service):
         bars = [bar(i, 200.0 + i) for i in range(-100, 0)]
         bars = [b for b in bars if b.ts < before][-args["limit"]:]
         return [b.model_dump(mode="json") for b in bars]
-
-
-async def wire(broker: MemoryBroker, service_cls: type[Service], **config: Any) -> Runner:
-    """A service on the in-memory bus, started and subscribed, driven by hand."""
-    section = service_cls.Settings(**config)
-    settings = settings_class({service_cls.name: service_cls.Settings})(**{service_cls.name: section})
-    bus = MemoryBus(service_cls.name, broker)
-    runner = Runner(service_cls(settings, bus), bus)
-    await bus.connect()
-    await runner.service.start()
-    await bus.subscribe(runner.filters())
-    return runner
-
-
-async def watcher(broker: MemoryBroker, *filters: str) -> MemoryBus:
-    bus = MemoryBus("watch", broker, status=False)
-    await bus.connect()
-    await bus.subscribe([(Filter(f), 1) for f in filters])
-    return bus
 
 
 async def publish_bar(bus: MemoryBus, b: Bar) -> None:

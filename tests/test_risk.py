@@ -28,7 +28,7 @@ from modules.trading.risk import discovery
 from modules.trading.risk.book import RiskBook
 from modules.trading.risk.service import state_file
 from modules.trading.risk.settings import RiskSettings
-from tests.helpers import Collector, ServiceProcess, TestBroker, circles
+from tests.helpers import Collector, ServiceProcess, TestBroker, circles, unique_topic
 
 HALT = str(registry.TRADING_HALT.topic())
 RISK_STATE = str(registry.RISK_STATE.topic())
@@ -133,6 +133,41 @@ def test_orders_per_minute_count_each_new_order_once_at_its_creation() -> None:
     assert book.assess(NOW + timedelta(seconds=51)).breaches == []
 
 
+def test_orders_refused_by_execution_are_not_counted() -> None:
+    book = RiskBook(RiskSettings(max_orders_per_minute=2))
+    for n in range(5):  # intents refused while halted: orders that never left
+        book.on_order(_order(f"r{n}", NOW - timedelta(seconds=n), status="rejected"), NOW)
+    assert book.assess(NOW).figures["orders_per_minute"] == 0 and _limits(book) == []
+    sent = _order("live", NOW - timedelta(seconds=1))  # written `new`, then sent
+    book.on_order(sent, NOW)
+    book.on_order(sent.model_copy(update={"status": "rejected"}), NOW)  # by the exchange
+    assert book.assess(NOW).figures["orders_per_minute"] == 1
+
+
+def test_a_feed_is_stale_when_no_bar_closed_within_stale_after_bars() -> None:
+    book = RiskBook(RiskSettings())
+    # The market said all is well (and then said nothing more): the bar closed at 11:57.
+    book.on_feed("t", FeedState(exchange="binance", symbol="BTC/USDT", timeframe="1m",
+                                last_bar_ts=NOW - timedelta(minutes=4)))
+    book.on_feed("h", FeedState(exchange="binance", symbol="BTC/USDT", timeframe="1h",
+                                last_bar_ts=NOW - timedelta(minutes=4)))
+    book.on_feed("new", FeedState(exchange="binance", symbol="ETH/USDT", timeframe="1m"))
+    assert _limits(book) == []  # three timeframes exactly, not more
+    later = NOW + timedelta(seconds=1)
+    (breach,) = book.assess(later).breaches
+    assert breach.text == ("halt_on_stale_market: the feed binance BTC/USDT 1m is stale (no bar "
+                           "closed since 2026-03-02T11:57:00+00:00, more than 3 timeframes ago)")
+    assert book.assess(later).figures["stale_feeds"] == 1
+    book.limits = RiskSettings(stale_after_bars=4)
+    assert book.assess(later).breaches == []
+    book.limits = RiskSettings(halt_on_stale_market=False)
+    assert book.assess(later).breaches == [] and book.assess(later).figures["stale_feeds"] == 1
+    book.limits = RiskSettings()
+    book.on_feed("t", FeedState(exchange="binance", symbol="BTC/USDT", timeframe="1m",
+                                last_bar_ts=NOW - timedelta(minutes=1)))
+    assert book.assess(later).breaches == []
+
+
 def test_conditions_of_the_box_and_the_market() -> None:
     book = RiskBook(RiskSettings())
     book.on_health(_health(disk=50, clock=None))
@@ -190,6 +225,7 @@ class Risk:
     tester: MqttBus
     watch: Collector
     accounts: list[str]
+    marker: str
     proc: ServiceProcess | None = None
     feeds: list[str] = field(default_factory=list)
 
@@ -227,6 +263,27 @@ class Risk:
         assert reply.ok, reply.error
         return reply.result  # type: ignore[no-any-return]
 
+    async def state_where(self, check: Callable[[dict[str, Any]], Any], what: str) -> dict[str, Any]:
+        """The answer of `state` once `check` holds for it (asked again until it does)."""
+        for _ in range(100):
+            state = await self.state()
+            if check(state):
+                return state
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last state: {state}")
+
+    async def settled(self) -> None:
+        """Return once risk has handled what was sent to it before, and the watcher holds
+        what risk published meanwhile: the `state` request is handled by the same loop as
+        every message, after those that came before it (and `state` assesses, as the run
+        loop's tick does); risk publishes before it answers, so a marker published after the
+        answer reaches the watcher after all of it (the broker keeps a client's queue in order)."""
+        await self.state()
+        count = len(self.watch.on(self.marker))
+        await self.tester.publish(self.marker, b"settled", wait=True)
+        await self.watch.wait(lambda ms: len([m for m in ms if m.topic == self.marker]) > count,
+                              10, "the marker")
+
     async def metrics(self, account: str, equity: float, net_pnl: float) -> None:
         await self.tester.send(registry.TRADE_METRICS, TradeMetrics(
             account=account, seq=1, ts=utcnow(), metrics=_metrics(equity, net_pnl)),
@@ -236,9 +293,10 @@ class Risk:
         await self.tester.send(registry.POSITIONS, Positions(
             account=account, mode="paper", positions=list(positions)), account=account, wait=True)
 
-    async def feed(self, stale: bool) -> None:
+    async def feed(self, stale: bool, last_bar_ts: datetime | None = None) -> None:
         feed = FeedState(exchange="testex", symbol=f"T{uuid.uuid4().hex[:4]}/USDT", timeframe="1m",
-                         stale=stale, reason="no bar for 3 timeframes" if stale else "")
+                         stale=stale, reason="no bar for 3 timeframes" if stale else "",
+                         last_bar_ts=last_bar_ts)
         if not self.feeds:
             self.feeds.append(str(registry.MARKET_FEED.topic(
                 exchange=feed.exchange, symbol=feed.symbol, timeframe=feed.timeframe)))
@@ -282,9 +340,10 @@ async def risk(broker: TestBroker, tmp_path: Path) -> AsyncIterator[Risk]:
     tester = broker.bus()
     await tester.connect()
     await _fresh(broker, tester)
+    marker = unique_topic()
     watch = await Collector.start(broker, HALT, RISK_STATE, SWITCH_CONFIG,
-                                  str(registry.DLQ.topic(service="risk")))
-    ctx = Risk(broker, tmp_path, env, tester, watch, accounts)
+                                  str(registry.DLQ.topic(service="risk")), marker)
+    ctx = Risk(broker, tmp_path, env, tester, watch, accounts, marker)
     try:
         yield ctx
     finally:
@@ -314,7 +373,7 @@ async def test_initial_state_once_then_a_halt_survives_restarts(risk: Risk) -> N
     state = RiskState.model_validate_json((await risk.watch.wait(
         lambda ms: [m for m in ms if m.topic == RISK_STATE], 10, "risk state"))[-1].payload)
     assert state.limits["max_drawdown_pct"] == 20 and state.halted is False
-    await asyncio.sleep(1.5)
+    await risk.settled()
     assert len(risk.halts()) == 1  # published once
 
     reply = await risk.ask("halt", by="tester:anna", reason="broker maintenance")
@@ -327,9 +386,10 @@ async def test_initial_state_once_then_a_halt_survives_restarts(risk: Risk) -> N
     state_file(risk.broker.state).unlink()
     risk.watch.messages.clear()
     await risk.start()
-    await asyncio.sleep(1.5)
-    assert (await risk.state())["halt"]["reason"] == "broker maintenance"
-    assert all(h.halted for h in risk.halts())
+    restored = await risk.state_where(lambda s: s["halt"], "the halt restored")
+    assert restored["halt"]["reason"] == "broker maintenance"
+    await risk.settled()
+    assert all(h.halted for h in risk.halts())  # restored, not published as lifted
 
     # Restored from the kept file when the broker lost its retained halt.
     await risk.stop()
@@ -359,7 +419,7 @@ async def test_every_kind_of_breach_halts_and_only_a_person_resumes(risk: Risk) 
         halt = await risk.halted_by(limit)
         refused = await risk.ask("resume", by="tester:ops")
         assert not refused.ok and limit in (refused.error or ""), refused
-        await asyncio.sleep(1.2)
+        await risk.settled()
         assert risk.halts()[-1].halted  # risk never resumes by itself
         await clear()
         assert (await risk.resume_when_allowed()).result["changed"] is True
@@ -397,7 +457,7 @@ async def test_every_kind_of_breach_halts_and_only_a_person_resumes(risk: Risk) 
     await risk.halt_where(lambda h: not h.halted and h.ts > halt.ts, "resumed with force")
 
     await risk.metrics(drawn, 12_000, 2_000)
-    await asyncio.sleep(1.2)  # a new peak, and no daily loss (a gain today)
+    await risk.state()  # handled: a new peak, and no daily loss (a gain today)
     await risk.metrics(drawn, 9_500, -500)
     halt = await risk.halted_by("max_drawdown_pct: equity 9500.00 is 20.8 % below its peak 12000.00")
     assert "max_daily_loss_pct" not in halt.reason  # 25 % < 30 %
@@ -416,6 +476,22 @@ async def test_every_kind_of_breach_halts_and_only_a_person_resumes(risk: Risk) 
     assert [e.actor for e in resumes] == ["risk"] + ["tester:ops"] * 7
     assert [e.details["forced"] for e in resumes[1:]] == [False] * 5 + [True] * 2
     assert "max_daily_loss_pct" in resumes[-2].details["reason"]
+
+
+async def test_a_market_that_died_is_stale_to_risk_without_another_message(risk: Risk) -> None:
+    await risk.start()
+    await risk.halt_where(lambda h: not h.halted, "the initial state")
+    # The market's last word: all well, a 1m bar that closes three timeframes before now + 5 s.
+    closes = datetime.now(UTC) - timedelta(minutes=3) + timedelta(seconds=5)
+    await risk.feed(False, last_bar_ts=closes - timedelta(minutes=1))
+    state = await risk.state()  # handled after the feed state
+    assert state["risk"]["figures"]["stale_feeds"] == 0 and not state["halt"]["halted"]
+    halt = await risk.halted_by("halt_on_stale_market")  # by the run loop's own assessment
+    assert f"no bar closed since {closes.isoformat()}" in halt.reason, halt
+    refused = await risk.ask("resume", by="tester:ops")
+    assert not refused.ok and "halt_on_stale_market" in (refused.error or "")
+    await risk.feed(False, last_bar_ts=datetime.now(UTC) - timedelta(minutes=1))  # back
+    await risk.resume_when_allowed()
 
 
 async def test_commands_need_who_asks(risk: Risk) -> None:
@@ -554,10 +630,10 @@ async def test_the_command_line(risk: Risk) -> None:
     assert refused.returncode == 1
     assert "max_disk_percent: the disk is 99.0 % full" in refused.stderr
     await risk.tester.send(registry.HEALTH_STATE, _health(), wait=True)
-    await asyncio.sleep(0.5)
+    await risk.state_where(lambda s: not s["risk"]["breaches"], "the breach cleared")
     done = await cli("resume")
     assert done.returncode == 0 and "trading resumed" in done.stdout, done.stderr
-    assert not risk.halts()[-1].halted
+    await risk.halt_where(lambda h: not h.halted and h.by.startswith("cli:"), "resumed")
 
     no = await cli("flatten", stdin="n\n")
     assert no.returncode == 1 and "nothing done" in no.stderr

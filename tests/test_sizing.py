@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from appliance.bus import Filter, MemoryBroker, MemoryBus, registry
+from appliance.bus import MemoryBroker, MemoryBus, registry
 from appliance.bus.trade_event import TradeMetrics
-from appliance.bus.trading import Bar, OrderIntent, Target
-from appliance.config import settings_class
-from appliance.runtime import Runner, Service
+from appliance.bus.trading import Bar, OrderIntent, Position, Positions, Target
 from modules.trading.alpha.service import AlphaService
 from modules.trading.ensemble.service import EnsembleService
 from modules.trading.sizing.service import (
@@ -33,7 +31,7 @@ from modules.trading.sizing.service import (
     round_qty,
     worth_sending,
 )
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import Collector, ServiceProcess, TestBroker, pump, watcher, wire
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -159,40 +157,14 @@ def bar(i: int, close: float, *, high: float | None = None, low: float | None = 
                close=close, volume=1.0)
 
 
-async def wire(broker: MemoryBroker, service_cls: type[Service], **config: Any) -> Runner:
-    """A service on the in-memory bus, started and subscribed, driven by hand."""
-    section = service_cls.Settings(**config)
-    settings = settings_class({service_cls.name: service_cls.Settings})(**{service_cls.name: section})
-    bus = MemoryBus(service_cls.name, broker)
-    runner = Runner(service_cls(settings, bus), bus)
-    await bus.connect()
-    await runner.service.start()
-    await bus.subscribe(runner.filters())
-    return runner
-
-
-async def watcher(broker: MemoryBroker, *filters: str) -> MemoryBus:
-    bus = MemoryBus("watch", broker, status=False)
-    await bus.connect()
-    await bus.subscribe([(Filter(f), 1) for f in filters])
-    return bus
-
-
-async def pump(runners: list[Runner]) -> None:
-    """Let every runner handle what it received, in a fixed order, until all are idle."""
-    while True:
-        moved = False
-        for runner in runners:
-            batch = await runner.bus.receive(1000, timeout=0)
-            if batch:
-                await runner.handle(batch)
-                moved = True
-        if not moved:
-            return
-
-
 def metrics(account: str, **figures: Any) -> TradeMetrics:
     return TradeMetrics(account=account, seq=1, ts="2024-01-01T00:00:00+00:00", metrics=figures)
+
+
+def positions(account: str, held: dict[str, str]) -> Positions:
+    return Positions(account=account, mode="paper", positions=[
+        Position(symbol=symbol, qty=Decimal(qty), avg_price=Decimal(100))
+        for symbol, qty in held.items()])
 
 
 async def send_target(bus: MemoryBus, exposure: float, b: Bar) -> None:
@@ -239,6 +211,35 @@ async def test_equity_from_the_accounts_metrics_and_atr_from_the_bars() -> None:
     intents = [OrderIntent.model_validate_json(m.payload) for m in await watch.receive(10, timeout=0)]
     assert [i.target_qty for i in intents] == [0, Decimal("33.33333333")]  # 0.5 · 20000 · 0.01 / 3 %, / 100
     assert "ATR warming up" in intents[0].reason
+
+
+async def test_the_target_is_sent_again_while_the_account_does_not_hold_it() -> None:
+    """An intent refused by execution (halted, stale) or undone by a flatten leaves the account
+    away from the target sizing sent last: the next bar sends it again. Only this account's
+    positions count."""
+    broker = MemoryBroker()
+    sizing = await wire(broker, SizingService)
+    watch = await watcher(broker, str(registry.ORDER_INTENT.filter()))
+
+    async def step(i: int, exposure: float, *held: tuple[str, dict[str, str]]) -> list[Decimal]:
+        for account, qty in held:
+            await watch.send(registry.POSITIONS, positions(account, qty), account=account)
+        await send_target(watch, exposure, bar(i, 100.0))
+        await pump([sizing])
+        return [OrderIntent.model_validate_json(m.payload).target_qty
+                for m in await watch.receive(10, timeout=0)]
+
+    assert await step(0, 0.5) == [5]  # 0.5 · 0.1 · 10000 / 100
+    assert await step(1, 0.5) == []  # no positions seen: what was sent is all sizing knows
+    assert await step(2, 0.52, ("paper", {"BTC/USDT": "5"})) == []  # held; 5.2 is no change
+    # Flattened: back to the target sent, not to 5.2 (a fill on its way would otherwise
+    # make every small move of the target an order).
+    assert await step(3, 0.52, ("paper", {})) == [5]
+    assert await step(4, 0.52, ("paper", {})) == [5]  # refused (halted): asked again
+    assert await step(5, 0.5, ("paper", {"BTC/USDT": "4.5"})) == []  # 50: not > 1 % of equity
+    assert await step(6, 0.5, ("other", {})) == []  # another account's positions
+    assert await step(7, 0.0, ("paper", {"BTC/USDT": "5"})) == [0]
+    assert await step(8, 0.0, ("paper", {"BTC/USDT": "0.5"})) == [0]  # to 0: always
 
 
 # -- the whole chain, twice ------------------------------------------------------------------
@@ -289,6 +290,7 @@ async def test_alpha_ensemble_sizing_give_the_same_messages_twice(method: str) -
 # -- as a process on the real broker ---------------------------------------------------------
 async def test_sizing_process_turns_targets_into_intents(broker: TestBroker, tmp_path: Path) -> None:
     account = f"t{tmp_path.name[-8:]}".replace("_", "-")
+    other = f"{account}-other"
     intent_topic = str(registry.ORDER_INTENT.topic(account=account))
     metrics_topic = str(registry.TRADE_METRICS.topic(account=account))
     watch = await Collector.start(broker, intent_topic, str(registry.SERVICE_STATUS.topic(service="sizing")))
@@ -314,9 +316,24 @@ async def test_sizing_process_turns_targets_into_intents(broker: TestBroker, tmp
                              wait=True, exchange="binance", symbol="ETH/USDT", timeframe="1m")
         await watch.wait(lambda ms: len(watch.on(intent_topic)) == 2, 15, "the intent to go flat")
         assert OrderIntent.model_validate_json(watch.on(intent_topic)[1].payload).target_qty == 0
+        # That intent was refused (trading halted): the account still holds 10, and the
+        # next bar asks for flat again. Another account's positions are not this one's.
+        await publisher.send(registry.POSITIONS, positions(account, {"ETH/USDT": "10"}),
+                             wait=True, account=account)
+        await publisher.send(registry.POSITIONS, positions(other, {}), wait=True, account=other)
+        await publisher.send(registry.ENSEMBLE_TARGET, Target(bar=bar(2, 100.0, symbol="ETH/USDT"),
+                                                              exposure=-0.2),
+                             wait=True, exchange="binance", symbol="ETH/USDT", timeframe="1m")
+        await watch.wait(lambda ms: len(watch.on(intent_topic)) == 3, 15, "the flat intent again")
+        again = OrderIntent.model_validate_json(watch.on(intent_topic)[2].payload)
+        assert again.target_qty == 0 and again.bar_ts == bar(2, 100.0).ts
+        assert again.reason == "the account holds 10, not the target 0: asked again"
     finally:
         proc.stop()
         await publisher.publish(metrics_topic, b"", retain=True, wait=True)
+        for name in (account, other):
+            await publisher.publish(str(registry.POSITIONS.topic(account=name)), b"", retain=True,
+                                    wait=True)
         await publisher.close()
         await watch.close()
 

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from appliance.bus.payloads import HealthState
-from appliance.bus.trading import FeedState, Order, Position
+from appliance.bus.trading import TIMEFRAMES, FeedState, Order, Position
 from modules.trading.risk.settings import RiskSettings
 
 ORDER_WINDOW = timedelta(minutes=1)
@@ -161,8 +161,12 @@ class RiskBook:
     def on_order(self, order: Order, now: datetime) -> None:
         """Count each order once, at its creation time (never later than `now`): the first
         update seen of it, whatever its status (a paper order may start `open`, not `new`),
-        and orders re-delivered after a restart fall outside the minute."""
-        if order.client_order_id in self.orders:
+        and orders re-delivered after a restart fall outside the minute. An order first seen
+        `rejected` is not counted: execution refused it (halted, stale intent) and it never
+        reached the market; counting the refusals made while halted would keep this limit
+        breached and refuse the resume. A live order the exchange rejects was first seen
+        `new` (it is written before it is sent), so it still counts."""
+        if order.client_order_id in self.orders or order.status == "rejected":
             return
         try:
             created = datetime.fromisoformat(order.created_at)
@@ -251,6 +255,21 @@ class RiskBook:
             return None
         return max(0.0, (acc.peak - value) / acc.peak * 100)
 
+    def staleness(self, feed: FeedState, now: datetime) -> str | None:
+        """Why `feed` is stale ("" when the market gave no reason), or None when it is not.
+        The market's own flag counts; and risk judges for itself from the last bar the
+        market reported, because a market that died says nothing any more."""
+        if feed.stale:
+            return feed.reason
+        if feed.last_bar_ts is None:
+            return None  # no bar yet: only the market can tell how long it has waited
+        step = timedelta(seconds=TIMEFRAMES[feed.timeframe])
+        closed = feed.last_bar_ts + step
+        if now - closed > step * self.limits.stale_after_bars:
+            return (f"no bar closed since {closed.isoformat()}, more than "
+                    f"{self.limits.stale_after_bars} timeframes ago")
+        return None
+
     def assess(self, now: datetime) -> Assessment:
         """Every figure against its limit, and the breaches, worst account first."""
         cfg = self.limits
@@ -292,14 +311,14 @@ class RiskBook:
                 f"max_orders_per_minute: {rate} new orders in the last minute "
                 f"(limit {cfg.max_orders_per_minute})")))
 
-        stale = [f for _, f in sorted(self.feeds.items()) if f.stale]
+        stale = [(feed, why) for _, feed in sorted(self.feeds.items())
+                 if (why := self.staleness(feed, now)) is not None]
         figures["stale_feeds"] = float(len(stale))
         if cfg.halt_on_stale_market:
-            for feed in stale:
-                why = f" ({feed.reason})" if feed.reason else ""
+            for feed, why in stale:
                 breaches.append(Breach("halt_on_stale_market", (
                     f"halt_on_stale_market: the feed {feed.exchange} {feed.symbol} "
-                    f"{feed.timeframe} is stale{why}")))
+                    f"{feed.timeframe} is stale{f' ({why})' if why else ''}")))
 
         health = self.health
         disk = health.disk_percent if health else None

@@ -7,6 +7,7 @@ Assistant's own command topic, and it is available while the risk service is onl
 from __future__ import annotations
 
 import json
+from typing import TypedDict
 
 from appliance.bus import registry
 
@@ -16,7 +17,16 @@ HA_COMMAND = "trading_halt"  # circles/ha/cmd/trading_halt
 ON, OFF = "ON", "OFF"
 
 
-def topic_params() -> dict[str, str]:
+class TopicParams(TypedDict):
+    """The levels of HA_DISCOVERY's topic: typed, so that `send(..., **topic_params())`
+    cannot pass anything but topic levels (a plain dict[str, str] could be `wait`)."""
+
+    component: str
+    device: str
+    object: str
+
+
+def topic_params() -> TopicParams:
     """The HA_DISCOVERY parameters of the switch's config topic."""
     return {"component": "switch", "device": DEVICE, "object": OBJECT}
 

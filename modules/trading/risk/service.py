@@ -1,12 +1,13 @@
 """The `risk` service: the only writer of the retained trading halt `circles/trading/halt`.
 
 It watches the ledger's metrics, the positions, the orders, the market feeds and the
-box's health against the `[risk]` limits (`book.py`). A breach halts trading at once; it
-never resumes trading by itself: a person does (`circles trading resume`, the panel, Home
-Assistant's switch), and only once no limit is breached any more. Every change of the halt
-is audit-logged with who asked. The halt and the loss baselines are also kept in
-`<state>/risk/state.json`, so a broker that lost its retained messages, or a restart at
-noon, neither resumes trading nor forgets the morning's losses.
+box's health against the `[risk]` limits (`book.py`), on every message and once a second
+(a feed goes stale, and an order leaves the sliding minute, without any message). A breach
+halts trading at once; it never resumes trading by itself: a person does (`circles trading
+resume`, the panel, Home Assistant's switch), and only once no limit is breached any more.
+Every change of the halt is audit-logged with who asked. The halt and the loss baselines
+are also kept in `<state>/risk/state.json`, so a broker that lost its retained messages, or
+a restart at noon, neither resumes trading nor forgets the morning's losses.
 """
 
 from __future__ import annotations

@@ -54,7 +54,16 @@ class RiskSettings(Section):
         1.5, gt=0, description="Σ |qty × last price| of an account / equity")
     max_orders_per_minute: Annotated[int | None, BeforeValidator(_off)] = Field(
         30, ge=1, description="new orders in any sliding minute")
-    halt_on_stale_market: Switch = Field(True, description="halt when a market feed is stale")
+    halt_on_stale_market: Switch = Field(
+        True, description="halt when a market feed is stale: the market says so, or no bar "
+        "closed within `stale_after_bars` timeframes of the wall clock. Replayed feeds carry "
+        "old times and would always be stale: replaying needs `halt_on_stale_market = false`")
+    stale_after_bars: int = Field(
+        3, ge=1, le=1000,
+        description="a feed whose last bar (MARKET_FEED's last_bar_ts) closed more than this "
+        "many timeframes ago is stale, even if the market, which may be dead, never said so. "
+        "The market refreshes that state once per timeframe, so risk sees the last bar up to "
+        "a timeframe late: below 3 a healthy feed may look stale")
     max_disk_percent: Limit = Field(95.0, gt=0, le=100, description="disk use of the box, %")
     require_clock_sync: Switch = Field(
         True, description="halt when the health service reports an unsynchronised clock")

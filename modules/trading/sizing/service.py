@@ -11,11 +11,19 @@ For each ENSEMBLE_TARGET the notional to hold is, by `method`:
                     the ledger metrics; `fraction` until there are `kelly_min_trades` of them
 
 capped at max_leverage · equity; a negative exposure is flat unless `allow_short`. The
-target quantity is notional / close, rounded toward zero to `qty_step`. An intent is sent
-when it differs from the last one sent for the symbol by more than `min_change` × equity in
-notional, when it becomes 0, and for the first target of a symbol after a start. Equity
-comes from the account's TRADE_METRICS (`initial_equity` until they arrive). Every decision
-depends on the messages received only; the intent's key and timestamp come from the bar.
+target quantity is notional / close, rounded toward zero to `qty_step`.
+
+An intent is sent for the first target of a symbol after a start, and when the target
+differs from the last one sent by more than `min_change` × equity in notional, or becomes 0.
+Otherwise, when the position the account holds (its retained POSITIONS) differs from the
+last target sent by that much, that target is sent again for this bar: an intent that
+execution refused (halted, stale) or that a flatten undid is asked for again, so the account
+goes back to its target after a resume. It is the last target again, not the new one, so
+that a fill still on its way does not turn every small move of the target into an order. An
+intent is a target position: sending it again orders nothing more (execution counts its
+position and open orders). Equity comes from the account's TRADE_METRICS (`initial_equity`
+until they arrive). Every decision depends on the messages received only; the intent's key
+and timestamp come from the bar.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from appliance.bus import registry, slug
 from appliance.bus.message import Received
-from appliance.bus.trading import Bar, OrderIntent, Target, check_feed
+from appliance.bus.trading import Bar, OrderIntent, Positions, Target, check_feed
 from appliance.config import Section
 from appliance.runtime import Service, subscribe
 
@@ -248,23 +256,35 @@ class SizingService(Service):
     name = "sizing"
     Settings = SizingSettings
 
+    def topic_values(self) -> dict[str, str]:
+        # TRADE_METRICS and POSITIONS of this account only.
+        return {"account": slug(self.config.account)}
+
     async def start(self) -> None:
-        self.account = slug(self.config.account)
         self.equity: float = self.config.initial_equity
         self.stats: KellyStats | None = None
         self.feeds: dict[tuple[str, str, str], FeedState] = {}
         self.sent: dict[tuple[str, str], Decimal] = {}  # (exchange, symbol) → last target sent
+        # symbol → quantity the account holds; None until its POSITIONS arrive (a backtest
+        # without execution has none: then only what was sent counts).
+        self.held: dict[str, Decimal] | None = None
         self.intents = 0
 
     @subscribe(registry.TRADE_METRICS)
     async def on_metrics(self, msg: Received) -> None:
-        if msg.params.get("account") != self.account:
-            return
         metrics = msg.data.metrics
         equity = equity_from(metrics, self.config.initial_equity)
         if equity is not None:
             self.equity = equity
         self.stats = kelly_stats(metrics, self.config.strategy_id)
+
+    @subscribe(registry.POSITIONS)
+    async def on_positions(self, msg: Received) -> None:
+        positions: Positions = msg.data
+        held: dict[str, Decimal] = {}
+        for position in positions.positions:
+            held[position.symbol] = held.get(position.symbol, Decimal(0)) + position.qty
+        self.held = held
 
     @subscribe(registry.ENSEMBLE_TARGET)
     async def on_target(self, msg: Received) -> None:
@@ -289,19 +309,27 @@ class SizingService(Service):
             self.intents += 1
 
     def intent(self, target: Target, atr: float | None) -> OrderIntent | None:
-        """The intent for `target`, or None when the position would not change enough."""
+        """The intent for `target`: its new target position, or the last one again while the
+        account does not hold it; None when neither is called for."""
         config, bar = self.config, target.bar
         models = "+".join(name for name, weight in target.weights.items() if weight > 0) or "no model"
         sized = plan(config, target.exposure, self.equity, bar.close, atr, self.stats, models)
         last = self.sent.get((bar.exchange, bar.symbol))
-        if not worth_sending(last, sized.qty, bar.close, self.equity, config.min_change):
+        # Positions name no exchange: an account trades on one.
+        held = None if self.held is None else self.held.get(bar.symbol, Decimal(0))
+        if worth_sending(last, sized.qty, bar.close, self.equity, config.min_change):
+            qty, reason = sized.qty, sized.reason
+        elif last is not None and held is not None and \
+                worth_sending(held, last, bar.close, self.equity, config.min_change):
+            qty, reason = last, f"the account holds {held}, not the target {last}: asked again"
+        else:
             return None
         return OrderIntent(
             key=intent_key(config.account, config.strategy_id, bar.exchange, bar.symbol,
                            bar.timeframe, bar.ts),
             account=config.account, strategy_id=config.strategy_id, exchange=bar.exchange,
-            symbol=bar.symbol, target_qty=sized.qty, price=decimal_price(bar.close),
-            bar_ts=bar.ts, timeframe=bar.timeframe, reason=sized.reason,
+            symbol=bar.symbol, target_qty=qty, price=decimal_price(bar.close),
+            bar_ts=bar.ts, timeframe=bar.timeframe, reason=reason,
             ts=bar.close_time.isoformat(timespec="milliseconds"))
 
     def status_text(self) -> str:
