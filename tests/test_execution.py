@@ -8,6 +8,7 @@ import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -448,40 +449,89 @@ def test_live_without_confirmation_exits_78_naming_the_key(broker: TestBroker, t
     assert len(lines) == 1 and "execution.live_confirmed" in lines[0], lines
 
 
-async def replay(tmp_path: Path, stream: list[Bar | OrderIntent]) -> list[TradeEvent]:
-    """Run the service on the in-memory bus (as the backtest will) over `stream`; its fills."""
+PUBLISHED = {"event": registry.TRADE_EVENT, "order": registry.ORDER_UPDATE,
+             "orders": registry.OPEN_ORDERS, "positions": registry.POSITIONS}
+
+
+def kinds(published: list[Message]) -> list[str]:
+    """What each message is (`event`, `order`, `orders`, `positions`), in order."""
+    return [next(k for k, spec in PUBLISHED.items() if spec.parse(m.topic) is not None)
+            for m in published]
+
+
+@dataclass
+class MemoryDesk:
+    """The service on the in-memory bus (as the backtest runs it) over a real SQLite file,
+    handling one message at a time; `watch` sees what it publishes, in order."""
+
+    service: Any
+    runner: Any
+    bus: Any
+    tester: Any
+    watch: Any
+    url: str
+    account: str = "replay"
+
+    async def send(self, item: Bar | OrderIntent) -> list[Message]:
+        """Publish `item` and let the service handle it; what the service published."""
+        if isinstance(item, Bar):
+            await self.tester.send(registry.MARKET_BAR, item, exchange=item.exchange,
+                                   symbol=item.symbol, timeframe=item.timeframe)
+        else:
+            await self.tester.send(registry.ORDER_INTENT, item, account=self.account)
+        await self.runner.handle(await self.bus.receive(100, timeout=0.5))
+        return await self.watch.receive(1000, timeout=0.05)
+
+    def rows(self, table: Any) -> list[Any]:
+        engine = db.make_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(select(table).where(table.c.account == self.account)))
+        finally:
+            engine.dispose()
+
+
+@asynccontextmanager
+async def in_memory(tmp_path: Path, **execution: Any) -> AsyncIterator[MemoryDesk]:
     from appliance.bus.memory import MemoryBroker, MemoryBus
     from appliance.bus.topics import Filter
     from appliance.config import DatabaseSettings, settings_class
     from appliance.runtime import Runner
     from modules.trading.execution.service import ExecutionService
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'box.db'}"
     settings = settings_class({NAME: ExecutionService.Settings})(
-        state_dir=tmp_path, database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'box.db'}"),
-        execution={"account": "replay"})
+        state_dir=tmp_path, database=DatabaseSettings(url=url),
+        execution={"account": "replay", **execution})
     broker = MemoryBroker()
     bus = MemoryBus(NAME, broker)
-    tester, events = MemoryBus("tester", broker), MemoryBus("events", broker)
-    for client in (bus, tester, events):
+    tester, watch = MemoryBus("tester", broker), MemoryBus("watch", broker)
+    for client in (bus, tester, watch):
         await client.connect()
-    await events.subscribe([(Filter(str(registry.TRADE_EVENT.filter())), 1)])
+    await watch.subscribe([(Filter(str(spec.filter(account="replay"))), 1)
+                           for spec in PUBLISHED.values()])
     await tester.send(registry.TRADING_HALT, TradingHalt(halted=False, by="t", reason=""))
     service = ExecutionService(settings, bus)
     runner = Runner(service, bus)
     await service.start()
     await bus.subscribe(runner.filters())
+    await runner.handle(await bus.receive(100, timeout=0.5))  # the halt
     try:
-        for item in stream:
-            if isinstance(item, Bar):
-                await tester.send(registry.MARKET_BAR, item, exchange=item.exchange,
-                                  symbol=item.symbol, timeframe=item.timeframe)
-            else:
-                await tester.send(registry.ORDER_INTENT, item, account="replay")
-            await runner.handle(await bus.receive(100, timeout=0.5))
+        yield MemoryDesk(service, runner, bus, tester, watch, url)
     finally:
         await service.stop()
-    found = [TradeEvent.model_validate_json(m.payload) for m in await events.receive(1000, 0.1)]
-    return [e for e in found if e.kind == "fill"]
+
+
+async def replay(tmp_path: Path, stream: list[Bar | OrderIntent]) -> list[TradeEvent]:
+    """Run the service on the in-memory bus over `stream`; its fills."""
+    published: list[Message] = []
+    async with in_memory(tmp_path) as box:
+        for item in stream:
+            published += await box.send(item)
+    events = [TradeEvent.model_validate_json(m.payload) for m in published
+              if registry.TRADE_EVENT.parse(m.topic) is not None]
+    return [e for e in events if e.kind == "fill"]
 
 
 async def test_a_replay_fills_the_same_whenever_the_intent_arrives(tmp_path: Path) -> None:
@@ -497,3 +547,57 @@ async def test_a_replay_fills_the_same_whenever_the_intent_arrives(tmp_path: Pat
     assert [(e.event_id, e.qty, e.price, e.ts) for e in early] == \
         [(e.event_id, e.qty, e.price, e.ts) for e in late]
     assert [e.qty for e in early] == [3, 3, 1] and early[0].ts == bars[1].ts
+
+
+async def test_an_intent_filled_at_once_is_one_transaction_and_its_event_goes_first(
+        tmp_path: Path) -> None:
+    """fill_at = close: the intent, its order and its fill are written whole or not at all
+    (here the outbox refuses the write, as a crash inside the transaction would end it), a
+    redelivery fills it once, and the trade event is published before the rest."""
+    t0 = hour_ago()
+    async with in_memory(tmp_path, fill_at="close") as box:
+        await box.send(make_bar("BTC/USDT", t0, 100))
+        first = await box.send(make_intent("replay", "BTC/USDT", "k1", "2", t0))
+        assert kinds(first) == ["event", "order", "orders", "positions"]
+        assert Order.model_validate_json(first[1].payload).status == "filled"
+
+        engine = db.make_engine(box.url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TRIGGER fail BEFORE INSERT ON execution_outbox "
+                                 "BEGIN SELECT RAISE(ABORT, 'the disk went away'); END")
+        before = {t.name: box.rows(t) for t in (intents, orders, positions, outbox)}
+        closing = make_intent("replay", "BTC/USDT", "k2", "0", t0)
+        assert await box.send(closing) == []  # the handler failed: nothing published
+        assert {t.name: box.rows(t) for t in (intents, orders, positions, outbox)} == before
+
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER fail")
+        engine.dispose()
+        again = await box.send(closing)  # redelivered
+        assert kinds(again) == ["event", "order", "orders", "positions"]
+        assert await box.send(closing) == []  # and once more: decided, nothing to do
+    assert [(r.intent_key, r.status, r.fills) for r in box.rows(orders)] == [
+        ("k1", "filled", 1), ("k2", "filled", 1)]
+    assert Decimal(box.rows(positions)[0].qty) == 0
+    assert [r.event_id for r in box.rows(outbox)] == [
+        "paper-start", *(f"{client_order_id('replay', k)}-f1" for k in ("k1", "k2"))]
+
+
+async def test_a_redelivered_intent_cancels_nothing(tmp_path: Path) -> None:
+    """A newer target cancels the open order pulling the other way, in the transaction that
+    records it; the older intent redelivered afterwards changes nothing."""
+    t0 = hour_ago()
+    async with in_memory(tmp_path) as box:  # next_open: orders wait for the next bar
+        await box.send(make_bar("BTC/USDT", t0, 100))
+        buy = make_intent("replay", "BTC/USDT", "k1", "5", t0)
+        assert kinds(await box.send(buy)) == ["order", "orders"]
+        turned = await box.send(make_intent("replay", "BTC/USDT", "k2", "-3", t0))
+        assert kinds(turned) == ["order", "order", "orders"]
+        assert [(o.intent_key, o.status) for o in
+                (Order.model_validate_json(m.payload) for m in turned[:2])] == [
+            ("k1", "cancelled"), ("k2", "open")]
+        assert await box.send(buy) == []
+        assert [o.intent_key for o in box.service.open.values()] == ["k2"]
+    assert {r.intent_key: (r.side, r.qty, r.status) for r in box.rows(orders)} == {
+        "k1": ("buy", "5", "cancelled"), "k2": ("sell", "3", "open")}
+    assert [r.status for r in box.rows(intents)] == ["ordered", "ordered"]

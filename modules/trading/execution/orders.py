@@ -1,4 +1,5 @@
-"""Orders and positions as the execution service keeps them, and the arithmetic of a fill.
+"""Orders and positions as the execution service keeps them, the arithmetic of a fill, and
+the change one step makes to them.
 
 Pure: no database, no bus. Quantities are signed where a position is meant (negative is
 short) and unsigned on an order (its `side` gives the direction). Everything is `Decimal`.
@@ -7,14 +8,14 @@ short) and unsigned on an order (its `side` gives the direction). Everything is 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal
 from typing import Literal
 
 from appliance.bus.payloads import utcnow
 from appliance.bus.trade_event import TradeEvent
-from appliance.bus.trading import Order, OrderStatus, Side
+from appliance.bus.trading import Order, OrderIntent, OrderStatus, Side
 
 ZERO = Decimal(0)
 OPEN_STATUSES: tuple[OrderStatus, ...] = ("new", "open", "partial")
@@ -174,3 +175,37 @@ def fill_event(order: OrderRow, fill: Fill, n: int, source: Literal["paper", "cc
                       fee=fill.fee, fee_currency=fill.fee_currency, ts=fill.ts,
                       order_id=order.client_order_id,
                       extra={"intent_key": order.intent_key, "exchange": order.exchange})
+
+
+@dataclass
+class Change:
+    """What one step does, planned before anything is written: the intent it decides (with
+    its outcome), the orders it makes or changes, the positions and the trade events of its
+    fills. The store writes it in one transaction; then the service takes it into its view
+    and publishes it."""
+
+    intent: OrderIntent | None = None
+    outcome: str = ""  # the intent's status: waiting, ordered, refused or noop
+    reason: str = ""
+    orders: dict[str, OrderRow] = field(default_factory=dict)  # by id, as the step leaves them
+    made: set[str] = field(default_factory=set)  # the ids of those it makes
+    positions: dict[str, PositionRow] = field(default_factory=dict)  # by symbol
+    events: list[TradeEvent] = field(default_factory=list)
+
+    def put(self, order: OrderRow, *, new: bool = False) -> OrderRow:
+        """`order` as this step leaves it (`new`: made by it)."""
+        self.orders[order.client_order_id] = order
+        if new:
+            self.made.add(order.client_order_id)
+        return order
+
+    def fill(self, order: OrderRow, fill: Fill, position: PositionRow,
+             source: Literal["paper", "ccxt"], *, status: OrderStatus | None = None,
+             fill_after: datetime | None = None) -> OrderRow:
+        """Add `fill` of `order` (the position before it is this step's, or `position`):
+        the order's next state, the position's, and the trade event; the order returned."""
+        after = self.put(after_fill(order, fill, status=status, fill_after=fill_after))
+        held = self.positions.get(order.symbol, position)
+        self.positions[order.symbol] = position_after(held, after, fill)
+        self.events.append(fill_event(after, fill, after.fills, source))
+        return after

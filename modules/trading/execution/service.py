@@ -3,10 +3,12 @@ TRADE_EVENTs that are kept until the trade logger confirms them.
 
 An intent is a target position: the service orders `target − (position + what open orders
 still have to fill)`, so an intent handled twice orders nothing the second time; intents are
-also deduplicated by key in the database. Every step is a database transaction committed
-before the message that caused it is acknowledged, and a trade event is published only
-after the transaction that created it, from an outbox it leaves only when the trade logger
-confirmed it: a process killed at any point loses no fill and sends no order twice.
+also deduplicated by key in the transaction that records them. Every step is planned first
+(`Change`: the intent's outcome, the orders it makes or cancels, the fills of the bars already
+seen), then committed as one database transaction before the message that caused it is
+acknowledged, then published: its trade events first, from an outbox they leave only when
+the trade logger confirmed them. A process killed at any point loses no fill and sends no
+order twice.
 
 Paper trading (the default) fills on the bars it sees (`paper.py`); live trading sends
 orders to an exchange (`live.py`), only with `mode = "live"` and `live_confirmed = true`.
@@ -23,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy.exc import OperationalError as DatabaseUnavailable
 
@@ -40,13 +42,11 @@ from appliance.errors import CirclesError, OperationalError, TemporaryError, Val
 from appliance.runtime import Service, subscribe
 from modules.trading.execution.orders import (
     ZERO,
+    Change,
     Fill,
     OrderRow,
     PositionRow,
-    after_fill,
     client_order_id,
-    fill_event,
-    position_after,
     signed,
 )
 from modules.trading.execution.outbox import Outbox
@@ -81,7 +81,7 @@ class ExecutionService(Service):
     async def start(self) -> None:
         c: ExecutionSettings = self.config
         self.live = c.mode == "live"
-        self.source = "ccxt" if self.live else "paper"
+        self.source: Literal["paper", "ccxt"] = "ccxt" if self.live else "paper"
         self.model = PaperModel(c.slippage_bps, c.fee_bps, c.fill_at, c.max_volume_fraction,
                                 c.quote_currency, c.min_qty)
         self.bars = BarMemory(keep=c.max_intent_age_bars + 3)
@@ -148,7 +148,9 @@ class ExecutionService(Service):
                 log.warning("trading halted" if halt.halted else "trading allowed",
                             extra={"by": halt.by, "reason": halt.reason})
             if halt.halted:
-                await self._cancel_open(f"trading halted: {halt.reason}", keep_flatten=True)
+                change = Change()
+                self._cancel_open(change, f"trading halted: {halt.reason}", keep_flatten=True)
+                await self._commit(change)
             await self._settle_waiting()
             if not halt.halted and (before is None or before.halted):
                 await self._fill_remembered()
@@ -185,59 +187,58 @@ class ExecutionService(Service):
                                    f"topic ({self.account!r})")
         async with self.lock:
             await self._deposit(intent.bar_ts)
-            known = await self._db(self.store.intent, intent.key)
-            if known is not None:
-                log.info("intent seen before: nothing to do", extra={
-                    "key": intent.key, "status": known.status})
-                return
+            # No look-up first: the store refuses an intent decided before, in the
+            # transaction that would record it.
             if self._may_wait():
-                await self._db(self.store.record_intent, intent, "waiting", "")
-                self.waiting = True
-                log.info("intent waits for the halt state", extra={"key": intent.key})
-                return
-            await self._decide(intent)
+                if await self._commit(Change(intent=intent, outcome="waiting")):
+                    self.waiting = True
+                    log.info("intent waits for the halt state", extra={"key": intent.key})
+                    return
+            else:
+                await self._settle_waiting()  # the older ones first
+                if await self._decide(intent):
+                    return
+            log.info("intent seen before: nothing to do", extra={"key": intent.key})
 
-    async def _decide(self, intent: OrderIntent) -> None:
-        """Order what `intent` asks for, or refuse it; recorded in one transaction with its
-        orders before this returns."""
+    async def _decide(self, intent: OrderIntent) -> bool:
+        """Order what `intent` asks for, or refuse it: planned first, then committed in one
+        transaction with the cancels it makes and, on paper, the fills of the bars already
+        seen; then published. False (nothing done) when the intent was decided before."""
         reason = self._halt_reason() or self._stale(intent) or self._foreign(intent)
-        delta = await self._delta(intent.symbol, intent.target_qty, cancel=reason is None)
-        if abs(delta) < self.config.min_qty:
-            await self._db(self.store.record_intent, intent, "refused" if reason else "noop",
-                           reason or "")
-            log.info("intent needs no order", extra={"key": intent.key, "refused": reason})
-            return
-        qty = abs(delta)
-        if reason is None and self.exchange is not None:
+        change = Change(intent=intent)
+        delta = self._delta(change, intent.symbol, intent.target_qty, cancel=reason is None)
+        qty, small = abs(delta), None
+        if qty >= self.config.min_qty and reason is None and self.exchange is not None:
             try:
                 qty, small = self._live_amount(intent.symbol, qty, intent.price)
             except CirclesError as exc:  # OrderRejected: a market the exchange does not have
-                qty, small, reason = abs(delta), None, str(exc)
-            if small:
-                await self._db(self.store.record_intent, intent, "noop", small)
-                log.info("intent needs no order", extra={"key": intent.key, "reason": small})
-                return
+                reason = str(exc)
+        if qty < self.config.min_qty or small:
+            change.outcome, change.reason = ("refused", reason) if reason else ("noop", small or "")
+            if await self._commit(change):
+                log.info("intent needs no order", extra={"key": intent.key, "refused": reason,
+                                                         "reason": small})
+                return True
+            return False
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        order = OrderRow(
+        order = change.put(OrderRow(
             client_order_id=client_order_id(self.account, intent.key), account=self.config.account,
             intent_key=intent.key, strategy_id=intent.strategy_id, exchange=intent.exchange,
             symbol=intent.symbol, side="buy" if delta > 0 else "sell", qty=qty,
-            status="rejected" if reason else "new", reason=reason or "",
+            status="rejected" if reason else "new" if self.live else "open", reason=reason or "",
             fill_after=self.model.fill_after(intent.bar_ts),
             timeframe=self.bars.timeframe(intent.exchange, intent.symbol),
-            created_at=now, updated_at=now)
+            created_at=now, updated_at=now), new=True)
+        change.outcome, change.reason = ("refused", reason) if reason else ("ordered", "")
         if reason is None and not self.live:
-            order = order.changed(status="open")
-        recorded = await self._db(self.store.record_intent, intent,
-                                  "refused" if reason else "ordered", reason or "", [order])
-        if not recorded:
-            return
+            self._plan_paper(change, order, self.bars.bars(order.exchange, order.symbol,
+                                                           order.timeframe, order.fill_after))
+        if not await self._commit(change):
+            return False
         log.info("intent refused" if reason else "order made", extra={
             "key": intent.key, "client_order_id": order.client_order_id, "side": order.side,
             "qty": str(qty), "reason": reason})
-        await self._changed(order)
-        if reason is None:
-            await self._after_new(order)
+        return True
 
     def _stale(self, intent: OrderIntent) -> str | None:
         timeframe = self.bars.timeframe(intent.exchange, intent.symbol)
@@ -256,10 +257,10 @@ class ExecutionService(Service):
                     f"{self.config.exchange.id!r}")
         return None
 
-    async def _delta(self, symbol: str, target: Decimal, *, cancel: bool) -> Decimal:
+    def _delta(self, change: Change, symbol: str, target: Decimal, *, cancel: bool) -> Decimal:
         """What to order to reach `target`, counting the position and what open orders still
-        have to fill. Open orders pulling the other way are cancelled first (when `cancel`):
-        buying and selling at once would only pay fees twice."""
+        have to fill. Open orders pulling the other way are cancelled in `change` (when
+        `cancel`): buying and selling at once would only pay fees twice."""
         position = self.positions.get(symbol)
         held = position.qty if position else ZERO
         working = [o for o in self.open.values() if o.symbol == symbol and not o.cancel_requested]
@@ -267,21 +268,10 @@ class ExecutionService(Service):
         against = [o for o in working if signed(o.side, Decimal(1)) * delta < 0]
         if cancel and against and abs(delta) >= self.config.min_qty:
             for order in against:
-                await self._cancel(order, "replaced by a newer target")
-            working = [o for o in self.open.values()
-                       if o.symbol == symbol and not o.cancel_requested]
+                change.put(self._cancelled(order, "replaced by a newer target"))
+            working = [o for o in working if o.client_order_id not in change.orders]
             delta = target - held - sum((o.signed_remaining for o in working), ZERO)
         return delta
-
-    async def _after_new(self, order: OrderRow) -> None:
-        """A new order was recorded: paper fills it on the bars it has already seen; live
-        sends it (from the run loop)."""
-        if self.live:
-            self.absent.add(order.client_order_id)  # made here: it never left
-            self.wake.set()
-        elif self._may_fill(order):
-            await self._fill_paper(order, self.bars.bars(order.exchange, order.symbol,
-                                                         order.timeframe, order.fill_after))
 
     # -- bars and paper fills -------------------------------------------------------------------
     @subscribe(registry.MARKET_BAR)
@@ -292,10 +282,12 @@ class ExecutionService(Service):
         async with self.lock:
             await self._deposit(bar.ts)
             if not self.live:
-                for order in [o for o in self.open.values()
-                              if (o.exchange, o.symbol) == (bar.exchange, bar.symbol)]:
-                    if self._may_fill(order):
-                        await self._fill_paper(order, [bar])
+                change = Change()
+                for order in list(self.open.values()):
+                    if (order.exchange, order.symbol) == (bar.exchange, bar.symbol) \
+                            and self._may_fill(order):
+                        self._plan_paper(change, order, [bar])
+                await self._commit(change)
             position = self.positions.get(bar.symbol)
             if position is not None and position.qty and position.exchange == bar.exchange:
                 newest, last = self.bars.newest(bar.exchange, bar.symbol), self.marked.get(bar.symbol)
@@ -309,7 +301,8 @@ class ExecutionService(Service):
         return order.is_open and not order.cancel_requested and (
             order.kind == "flatten" or self._halt_reason() is None)
 
-    async def _fill_paper(self, order: OrderRow, bars: list[Bar]) -> None:
+    def _plan_paper(self, change: Change, order: OrderRow, bars: list[Bar]) -> None:
+        """Add to `change` what `bars` fill of paper `order`."""
         for bar in bars:
             if not order.is_open:
                 return
@@ -317,66 +310,82 @@ class ExecutionService(Service):
                 continue
             fill = self.model.fill(order, bar)
             if fill is not None:
-                order = await self._record_fill(order.changed(timeframe=bar.timeframe), fill,
-                                                fill_after=bar.ts)
+                order = self._plan_fill(change, order.changed(timeframe=bar.timeframe), fill,
+                                        fill_after=bar.ts)
 
     async def _fill_remembered(self) -> None:
         """Trading became allowed: open paper orders catch up on the bars seen meanwhile."""
         if self.live:
             return
+        change = Change()
         for order in list(self.open.values()):
             if self._may_fill(order):
-                await self._fill_paper(order, self.bars.bars(
+                self._plan_paper(change, order, self.bars.bars(
                     order.exchange, order.symbol,
                     order.timeframe or self.bars.timeframe(order.exchange, order.symbol),
                     order.fill_after))
+        await self._commit(change)
 
     # -- fills, orders, events ------------------------------------------------------------------
-    async def _record_fill(self, order: OrderRow, fill: Fill, *, status: OrderStatus | None = None,
-                           fill_after: datetime | None = None) -> OrderRow:
-        """Record one fill (order, position and trade event in one transaction), then
-        publish it; returns the order as it now stands."""
-        after = after_fill(order, fill, status=status, fill_after=fill_after)
+    def _plan_fill(self, change: Change, order: OrderRow, fill: Fill, *,
+                   status: OrderStatus | None = None,
+                   fill_after: datetime | None = None) -> OrderRow:
+        """Add one fill of `order` to `change`; the order as it then stands."""
         position = self.positions.get(order.symbol) or PositionRow(
             account=self.account, symbol=order.symbol, exchange=order.exchange)
-        moved = position_after(position, after, fill)
-        event = fill_event(after, fill, after.fills, "ccxt" if self.live else "paper")
-        await self._db(self.store.record_fill, after, moved, event)
-        self.positions[order.symbol] = moved
-        await self.outbox.send(event)  # first: the ledger is what waits for it
-        log.info("fill", extra={"client_order_id": order.client_order_id, "side": order.side,
-                                "qty": str(fill.qty), "price": str(fill.price),
-                                "status": after.status})
-        await self._changed(after)
-        await self._publish_positions()
-        return after
+        return change.fill(order, fill, position, self.source, status=status,
+                           fill_after=fill_after)
 
-    async def _changed(self, order: OrderRow) -> None:
-        """`order` changed (and is saved): keep the view, publish the update and open orders."""
-        if order.is_open:
-            self.open[order.client_order_id] = order
-        else:
-            self.open.pop(order.client_order_id, None)
-        await self.bus.send(registry.ORDER_UPDATE, order.payload(), account=self.account)
-        await self._publish_orders()
+    async def _commit(self, change: Change) -> bool:
+        """Write `change` in one transaction, take it into the view, then publish it: the
+        trade events first (the ledger is what waits for them), then the orders' updates,
+        the open orders and the positions, once each. False (nothing written or published)
+        when its intent was decided before."""
+        if change.intent is None and not change.orders:
+            return True
+        if not await self._db(self.store.commit, change):
+            return False
+        self.positions.update(change.positions)
+        for order in change.orders.values():
+            if order.is_open:
+                self.open[order.client_order_id] = order
+            else:
+                self.open.pop(order.client_order_id, None)
+            if self.live and order.client_order_id in change.made and order.is_open:
+                self.absent.add(order.client_order_id)  # made here: it never left
+        for event in change.events:
+            await self.outbox.send(event)
+            log.info("fill", extra={"client_order_id": event.order_id, "side": event.side,
+                                    "qty": str(event.qty), "price": str(event.price),
+                                    "status": change.orders[str(event.order_id)].status})
+        for order in change.orders.values():
+            await self.bus.send(registry.ORDER_UPDATE, order.payload(), account=self.account)
+        if change.orders:
+            await self._publish_orders()
+        if change.positions:
+            await self._publish_positions()
+        if self.live and any(o.is_open and (o.status == "new" or o.cancel_requested)
+                             for o in change.orders.values()):
+            self.wake.set()  # the run loop sends or cancels it
+        return True
 
     async def _save(self, order: OrderRow) -> None:
-        await self._db(self.store.save_orders, [order])
-        await self._changed(order)
+        change = Change()
+        change.put(order)
+        await self._commit(change)
 
-    async def _cancel(self, order: OrderRow, reason: str) -> None:
-        """Cancel an open order: at once on paper; live, the run loop asks the exchange (an
-        order that fills meanwhile keeps its fills)."""
-        if not self.live:
-            await self._save(order.changed(status="cancelled", reason=reason))
-            return
-        await self._save(order.changed(cancel_requested=True, reason=reason))
-        self.wake.set()
+    def _cancelled(self, order: OrderRow, reason: str) -> OrderRow:
+        """`order` cancelled: at once on paper; live, asked to be (the run loop asks the
+        exchange; an order that fills meanwhile keeps its fills)."""
+        if self.live:
+            return order.changed(cancel_requested=True, reason=reason)
+        return order.changed(status="cancelled", reason=reason)
 
-    async def _cancel_open(self, reason: str, *, keep_flatten: bool) -> None:
+    def _cancel_open(self, change: Change, reason: str, *, keep_flatten: bool) -> None:
+        """Cancel in `change` every open order (but flattens, when `keep_flatten`)."""
         for order in list(self.open.values()):
             if not order.cancel_requested and not (keep_flatten and order.kind == "flatten"):
-                await self._cancel(order, reason)
+                change.put(self._cancelled(order, reason))
 
     async def _deposit(self, ts: datetime) -> None:
         """The paper account's starting balance, once, dated by the first bar or intent seen
@@ -621,13 +630,15 @@ class ExecutionService(Service):
             if order is None:
                 return
             got = absorb(order, seen)
+            change = Change()
             if got.fill is not None:
                 final = got.status if got.status in ("filled", "cancelled", "rejected") else None
-                await self._record_fill(order.changed(exchange_order_id=got.exchange_order_id),
-                                        got.fill, status=final)
+                self._plan_fill(change, order.changed(exchange_order_id=got.exchange_order_id),
+                                got.fill, status=final)
             elif (got.status, got.exchange_order_id) != (order.status, order.exchange_order_id):
-                await self._save(order.changed(status=got.status,
-                                               exchange_order_id=got.exchange_order_id))
+                change.put(order.changed(status=got.status,
+                                         exchange_order_id=got.exchange_order_id))
+            await self._commit(change)
 
     # -- commands -------------------------------------------------------------------------------
     async def cmd_positions(self, request: CommandRequest) -> dict[str, Any]:
@@ -654,11 +665,12 @@ class ExecutionService(Service):
         """{"by": "…"} → cancel every open order and close every position with a market order,
         even while trading is halted (it only reduces risk); the orders made."""
         by = request.by or "unknown"
-        made: list[OrderRow] = []
+        change = Change()
         async with self.lock:
-            await self._cancel_open(f"flatten by {by}", keep_flatten=False)
+            self._cancel_open(change, f"flatten by {by}", keep_flatten=False)
             key = f"flatten-{int(time.time() * 1000)}"
             now = datetime.now(UTC).isoformat(timespec="milliseconds")
+            made: list[OrderRow] = []
             for n, position in enumerate(sorted(self.positions.values(), key=lambda p: p.symbol)):
                 qty = abs(position.qty)
                 if qty < self.config.min_qty:
@@ -670,20 +682,22 @@ class ExecutionService(Service):
                         continue
                 timeframe = self.bars.timeframe(position.exchange, position.symbol)
                 newest = self.bars.newest(position.exchange, position.symbol, timeframe)
-                made.append(OrderRow(
+                made.append(change.put(OrderRow(
                     client_order_id=client_order_id(self.account, key, n + 1),
                     account=self.config.account, intent_key=key, kind="flatten",
                     strategy_id=position.strategy_id, exchange=position.exchange,
                     symbol=position.symbol, side="sell" if position.qty > 0 else "buy", qty=qty,
                     status="new" if self.live else "open", reason=f"flatten by {by}",
                     fill_after=self.model.fill_after(newest.ts) if newest else None,
-                    timeframe=timeframe, created_at=now, updated_at=now))
-            await self._db(self.store.add_orders, made)
+                    timeframe=timeframe, created_at=now, updated_at=now), new=True))
+            if not self.live:
+                for order in made:
+                    self._plan_paper(change, order, self.bars.bars(
+                        order.exchange, order.symbol, order.timeframe, order.fill_after))
+            await self._commit(change)
             log.warning("flatten", extra={"by": by, "orders": len(made)})
-            for order in made:
-                await self._changed(order)
-                await self._after_new(order)
-        return {"orders": [o.payload().model_dump(mode="json") for o in made]}
+        return {"orders": [change.orders[o.client_order_id].payload().model_dump(mode="json")
+                           for o in made]}
 
     def status_text(self) -> str:
         state = "halt unknown" if getattr(self, "halt", None) is None else (

@@ -1,14 +1,15 @@
 """The execution service's durable state (tables of migration 0005), one transaction per step.
 
-Every method is blocking: the service calls them in a thread. A step that must be whole is one
-transaction here: an intent with the orders it made; a fill with its order, its position and
-its trade event in the outbox. Only this process writes these rows of its account, so the
-service may keep what a method returns as its in-memory view.
+Every method is blocking: the service calls them in a thread. A step is one transaction
+(`commit`): an intent with what it decided (the orders it made or cancelled and, on paper,
+their fills); a fill with its order, its position and its trade event in the outbox. Only
+this process writes these rows of its account, so the service may keep what it committed as
+its in-memory view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     insert,
     select,
     update,
@@ -32,7 +34,7 @@ from sqlalchemy import (
 from appliance.bus.payloads import utcnow
 from appliance.bus.trade_event import TradeEvent
 from appliance.bus.trading import OrderIntent
-from modules.trading.execution.orders import OPEN_STATUSES, OrderRow, PositionRow, text
+from modules.trading.execution.orders import OPEN_STATUSES, Change, OrderRow, PositionRow, text
 
 metadata = MetaData()
 intents = Table(
@@ -65,6 +67,15 @@ outbox = Table(
     Column("client_order_id", String(36)), Column("data", Text), Column("delivered", Boolean),
     Column("outcome", Text), Column("created_at", String(40)), Column("delivered_at", String(40)))
 
+# The statements of a commit, built once: the values come with each execution.
+_INTENT_STATUS = select(intents.c.status).where(intents.c.account == bindparam("b_account"),
+                                                intents.c.key == bindparam("b_key"))
+_SETTLE_INTENT = update(intents).where(intents.c.account == bindparam("b_account"),
+                                       intents.c.key == bindparam("b_key"))
+_SAVE_ORDER = update(orders).where(orders.c.client_order_id == bindparam("b_id"))
+_SAVE_POSITION = update(positions).where(positions.c.account == bindparam("b_account"),
+                                         positions.c.symbol == bindparam("b_symbol"))
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -73,13 +84,6 @@ class Pending:
     event_id: str
     source: str
     data: str
-
-
-@dataclass(frozen=True)
-class IntentRecord:
-    intent: OrderIntent
-    status: str
-    reason: str
 
 
 def _order_values(order: OrderRow) -> dict[str, Any]:
@@ -160,14 +164,6 @@ class ExecutionStore:
                 .order_by(intents.c.id))
             return [OrderIntent.model_validate_json(r.data) for r in rows]
 
-    def intent(self, key: str) -> IntentRecord | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(intents.c.data, intents.c.status, intents.c.reason).where(
-                intents.c.account == self.account, intents.c.key == key)).first()
-        if row is None:
-            return None
-        return IntentRecord(OrderIntent.model_validate_json(row.data), row.status, row.reason)
-
     def undelivered(self, limit: int = 1000) -> list[Pending]:
         """Trade events the trade logger has not confirmed yet, oldest first."""
         with self.engine.connect() as conn:
@@ -190,67 +186,66 @@ class ExecutionStore:
         return len(rows), sum(1 for r in rows if not r.delivered)
 
     # -- writing ----------------------------------------------------------------------------
-    def record_intent(self, intent: OrderIntent, status: str, reason: str,
-                      new_orders: Sequence[OrderRow] = ()) -> bool:
-        """Record `intent` with its outcome and the orders it made, in one transaction. False
-        (and nothing written) when an intent of the same key is recorded already. An intent
-        that was `waiting` is settled instead: its status changes and its orders are added."""
+    def commit(self, change: Change) -> bool:
+        """Write `change` whole, in one transaction: its intent with the outcome, the orders
+        it makes (inserted) and changes (updated), the positions, and the trade events into
+        the outbox (undelivered). False, and nothing written, when an intent of the same key
+        was decided before; an intent that was `waiting` is settled instead."""
         with self.engine.begin() as conn:
-            row = conn.execute(select(intents.c.status).where(
-                intents.c.account == self.account, intents.c.key == intent.key)).first()
-            if row is not None and row.status != "waiting":
+            if change.intent is not None and not self._record_intent(
+                    conn, change.intent, change.outcome, change.reason):
                 return False
-            values = {"status": status, "reason": reason}
-            if row is None:
-                conn.execute(insert(intents).values(
-                    account=self.account, key=intent.key, symbol=intent.symbol,
-                    bar_ts=intent.bar_ts.isoformat(), data=intent.model_dump_json(),
-                    received_at=utcnow(), **values))
-            else:
-                conn.execute(update(intents).where(intents.c.account == self.account,
-                                                   intents.c.key == intent.key).values(**values))
-            self._insert_orders(conn, new_orders)
+            made, saved = [], []
+            for order in change.orders.values():
+                values = _order_values(order)
+                if order.client_order_id in change.made:
+                    made.append(values)
+                else:
+                    values["b_id"] = values.pop("client_order_id")
+                    saved.append(values)
+            if made:
+                conn.execute(insert(orders), made)
+            if saved:
+                conn.execute(_SAVE_ORDER, saved)
+            for position in change.positions.values():
+                self._save_position(conn, position)
+            if change.events:
+                conn.execute(insert(outbox), [self._event_row(e) for e in change.events])
         return True
 
-    def add_orders(self, new_orders: Sequence[OrderRow]) -> None:
-        """Orders made without an intent (a flatten), in one transaction."""
-        with self.engine.begin() as conn:
-            self._insert_orders(conn, new_orders)
+    def record_intent(self, intent: OrderIntent, status: str, reason: str,
+                      new_orders: Sequence[OrderRow] = ()) -> bool:
+        """`commit` of an intent and the orders it made, and nothing else (how tests set up a
+        box that a crash left behind)."""
+        change = Change(intent=intent, outcome=status, reason=reason)
+        for order in new_orders:
+            change.put(order, new=True)
+        return self.commit(change)
 
-    @staticmethod
-    def _insert_orders(conn: Connection, new_orders: Iterable[OrderRow]) -> None:
-        rows = [_order_values(o) for o in new_orders]
-        if rows:
-            conn.execute(insert(orders), rows)
+    def _record_intent(self, conn: Connection, intent: OrderIntent, status: str,
+                       reason: str) -> bool:
+        which = {"b_account": self.account, "b_key": intent.key}
+        row = conn.execute(_INTENT_STATUS, which).first()
+        if row is not None and row.status != "waiting":
+            return False
+        if row is None:
+            conn.execute(insert(intents), {
+                "account": self.account, "key": intent.key, "symbol": intent.symbol,
+                "bar_ts": intent.bar_ts.isoformat(), "data": intent.model_dump_json(),
+                "received_at": utcnow(), "status": status, "reason": reason})
+        else:
+            conn.execute(_SETTLE_INTENT, {**which, "status": status, "reason": reason})
+        return True
 
-    def save_orders(self, changed: Sequence[OrderRow]) -> None:
-        """Write orders' new state (status, reason, exchange id…), in one transaction."""
-        with self.engine.begin() as conn:
-            for order in changed:
-                self._save_order(conn, order)
-
-    @staticmethod
-    def _save_order(conn: Connection, order: OrderRow) -> None:
-        values = _order_values(order)
-        del values["client_order_id"]
-        conn.execute(update(orders).where(orders.c.client_order_id == order.client_order_id)
-                     .values(**values))
-
-    def record_fill(self, order: OrderRow, position: PositionRow, event: TradeEvent) -> None:
-        """One fill, whole or not at all: the order's new state, the position's, and the trade
-        event in the outbox (undelivered)."""
-        with self.engine.begin() as conn:
-            self._save_order(conn, order)
-            values = {"exchange": position.exchange, "qty": text(position.qty),
-                      "avg_price": text(position.avg_price), "strategy_id": position.strategy_id,
-                      "updated_at": position.updated_at or utcnow()}
-            done = conn.execute(update(positions).where(
-                positions.c.account == self.account, positions.c.symbol == position.symbol)
-                .values(**values))
-            if not done.rowcount:
-                conn.execute(insert(positions).values(account=self.account,
-                                                       symbol=position.symbol, **values))
-            self._insert_event(conn, event, order.client_order_id)
+    def _save_position(self, conn: Connection, position: PositionRow) -> None:
+        values = {"exchange": position.exchange, "qty": text(position.qty),
+                  "avg_price": text(position.avg_price), "strategy_id": position.strategy_id,
+                  "updated_at": position.updated_at or utcnow()}
+        done = conn.execute(_SAVE_POSITION, {
+            "b_account": self.account, "b_symbol": position.symbol, **values})
+        if not done.rowcount:
+            conn.execute(insert(positions), {"account": self.account,
+                                             "symbol": position.symbol, **values})
 
     def add_event(self, event: TradeEvent) -> bool:
         """Put an event without an order (the paper deposit) in the outbox; False when one of
@@ -260,14 +255,14 @@ class ExecutionStore:
                 outbox.c.account == self.account, outbox.c.source == event.source,
                 outbox.c.event_id == event.event_id)).first()
             if found is None:
-                self._insert_event(conn, event, None)
+                conn.execute(insert(outbox), self._event_row(event))
         return found is None
 
-    def _insert_event(self, conn: Connection, event: TradeEvent, order_id: str | None) -> None:
-        conn.execute(insert(outbox).values(
-            account=self.account, source=event.source, event_id=event.event_id,
-            client_order_id=order_id, data=event.model_dump_json(), delivered=False,
-            outcome=None, created_at=utcnow(), delivered_at=None))
+    def _event_row(self, event: TradeEvent) -> dict[str, Any]:
+        return {"account": self.account, "source": event.source, "event_id": event.event_id,
+                "client_order_id": event.order_id, "data": event.model_dump_json(),
+                "delivered": False, "outcome": None, "created_at": utcnow(),
+                "delivered_at": None}
 
     def mark_delivered(self, outcomes: dict[tuple[str, str], str]) -> int:
         """Mark events confirmed by the trade logger ((source, event_id) → outcome); returns
