@@ -90,6 +90,35 @@ def test_checkpoints_are_signed_and_verify(ledger: Ledger) -> None:
     assert ledger.verify("acct").signed_through == 20
 
 
+def test_a_checkpoint_signed_elsewhere_is_seen_before_signing(ledger: Ledger) -> None:
+    # Each Ledger remembers the last checkpoint it saw; another one (another process) may sign
+    # meanwhile, and the database, not the memory, decides whether one is due.
+    other = Ledger(ledger.engine, ledger.signer, checkpoint_every=5)
+
+    def append(to: Ledger, n: int) -> None:
+        to.append("acct", [Entry({"i": i}) for i in range(n)])
+
+    append(ledger, 1)  # the first record is signed
+    append(other, 5)  # seq 6: 5 since seq 1
+    append(ledger, 1)  # seq 7: 6 since the checkpoint `ledger` saw, 1 since the real last one
+    assert [c["seq"] for c in ledger.checkpoints("acct")] == [1, 6]
+    append(ledger, 4)  # seq 11: 5 since seq 6
+    assert [c["seq"] for c in ledger.checkpoints("acct")] == [1, 6, 11]
+    assert ledger.verify("acct").signed_through == 11
+
+
+def test_the_head_is_signed_again_after_the_interval(ledger: Ledger) -> None:
+    import time
+
+    timed = Ledger(ledger.engine, ledger.signer, checkpoint_interval_s=1.0)
+    for i in range(3):
+        timed.append("acct", [Entry({"i": i})])
+    assert [c["seq"] for c in timed.checkpoints("acct")] == [1]
+    time.sleep(1.05)
+    timed.append("acct", [Entry({"i": 3})])
+    assert [c["seq"] for c in timed.checkpoints("acct")] == [1, 4]
+
+
 @pytest.mark.parametrize("damage,bad_seq", [
     ("update ledger_records set data = replace(data, '101.25', '101.26') where seq = 7", 7),
     ("delete from ledger_records where seq = 5", 5),
