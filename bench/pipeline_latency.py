@@ -7,7 +7,8 @@ flips its sign every bar, so sizing alternates between a long target and flat, a
 execution fills at the bar's close (`fill_at = "close"`: the market order sent at once).
 The benchmark publishes the bars as the `market` client, one at a time, and takes the time
 until the trade logger confirms the fill that bar caused (its ack follows the commit).
-The baseline is the same number of QoS 1 publishes to a topic the publisher subscribes to.
+The baseline is a QoS 1 publish to a topic the publisher subscribes to, one before each
+bar, so both figures see the same moments of a noisy machine.
 
 Prints `pipeline_p99_ms`, `raw_rtt_p99_ms`, and last `pipeline/raw_p99` (target ≤ 25).
 Usage: python bench/pipeline_latency.py [--bars 1000]
@@ -67,51 +68,46 @@ def p99_ms(samples: list[float]) -> float:
     return float(np.percentile(np.array(samples) * 1000, 99))
 
 
-async def raw_rtt(broker: TestBroker, n: int) -> list[float]:
-    """`n` QoS 1 round trips, one at a time, through the broker with the bus client."""
-    topic = "circles/tester/rtt"
-    bus = broker.bus()
-    await bus.connect()
-    await bus.subscribe([(Filter(topic), 1)])
-    samples = []
-    try:
-        for _ in range(n):
-            began = time.perf_counter()
-            await bus.publish(topic, b"x" * 200, qos=1)
-            for message in await bus.receive(1, timeout=5):
-                bus.ack(message)
-            samples.append(time.perf_counter() - began)
-    finally:
-        await bus.close()
-    return samples
+async def round_trip(bus: MqttBus, topic: str) -> float:
+    """One QoS 1 publish to a topic the client subscribes to, until it comes back."""
+    began = time.perf_counter()
+    await bus.publish(topic, b"x" * 200, qos=1)
+    for message in await bus.receive(1, timeout=5):
+        bus.ack(message)
+    return time.perf_counter() - began
 
 
-async def pipeline(broker: TestBroker, n: int) -> list[float]:
-    """Publish `n` bars one by one; each sample runs to the ack of the fill of its bar."""
-    market, ledger = broker.bus("market"), broker.bus()
-    await market.connect()
-    await ledger.connect()
+async def measure(broker: TestBroker, n: int) -> tuple[list[float], list[float]]:
+    """Publish `n` bars one by one, each sample running to the ack of the fill of its bar;
+    before each bar, one raw round trip, so both see the same moments of a noisy machine."""
+    market, ledger, raw = broker.bus("market"), broker.bus(), broker.bus()
+    rtt_topic = "circles/tester/rtt"
+    for bus in (market, ledger, raw):
+        await bus.connect()
+    await raw.subscribe([(Filter(rtt_topic), 1)])
     await ledger.subscribe([(registry.TRADE_EVENT.filter(account=ACCOUNT), 1),
                             (registry.TRADE_ACK.filter(account=ACCOUNT), 1)])
     start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=n + 10)
-    samples: list[float] = []
+    piped: list[float] = []
+    rtts: list[float] = []
     try:
-        for i in range(n):
+        for i in range(n + 2):
             bar = Bar(exchange="sim", symbol="BTC/USDT", timeframe="1m",
                       ts=start + timedelta(minutes=i), open=100.5, high=101.5, low=99.5,
                       close=100.0 if i % 2 else 101.0, volume=1e9)
+            if i >= 2:
+                rtts.append(await round_trip(raw, rtt_topic))
             began = time.perf_counter()
-            await market.send(registry.MARKET_BAR, bar, exchange="sim", symbol=bar.symbol,
-                              timeframe=bar.timeframe)
+            await market.send(registry.MARKET_BAR, bar, **bar.topic_values())
             if i < 2:  # the model warms up: flat, nothing to fill
                 await asyncio.sleep(1)
                 continue
             await _until_confirmed(ledger, bar)
-            samples.append(time.perf_counter() - began)
+            piped.append(time.perf_counter() - began)
     finally:
-        await ledger.close()
-        await market.close()
-    return samples
+        for bus in (market, ledger, raw):
+            await bus.close()
+    return piped, rtts
 
 
 async def _until_confirmed(ledger: MqttBus, bar: Bar) -> None:
@@ -152,8 +148,7 @@ async def main(bars: int) -> None:
             await watch.wait(lambda ms: any(m.topic == str(registry.TRADING_HALT.topic())
                                             for m in ms), 15, "the trading halt state")
             await watch.close()
-            raw = await raw_rtt(broker, bars)
-            piped = await pipeline(broker, bars)
+            piped, raw = await measure(broker, bars)
         finally:
             for process in processes:
                 process.stop()
