@@ -62,7 +62,8 @@ def watchdog_interval() -> float | None:
 def subscribe(spec: TopicSpec, *, batch: bool = False, **params: str) -> Callable[[F], F]:
     """Mark a method as the handler of `spec` (narrowed by `params`). With `batch=True` it
     receives a list of messages and may commit them at once; the batch is acknowledged
-    after it returns."""
+    after it returns. A handler of a retained topic gets `data=None` when the retained
+    message is deleted (an empty payload), and must cope with it."""
 
     def mark(method: F) -> F:
         method.__circles_subscription__ = (spec, params, batch)  # type: ignore[attr-defined]
@@ -174,7 +175,10 @@ class Runner:
                 continue
             spec, is_batch, handler = route
             try:
-                data = spec.decode(message.payload)
+                # An empty payload on a retained topic is how MQTT deletes the retained
+                # message: the handler learns that the thing it described is gone (None).
+                data = None if spec.retained and not message.payload \
+                    else spec.decode(message.payload)
             except ValidationFailed as exc:
                 await self._reject(message, str(exc))
                 continue

@@ -54,7 +54,6 @@ fill_at = "close"
 [risk]
 accounts = ["{ACCOUNT}"]
 require_clock_sync = false
-halt_on_stale_market = false   # the bars are dated in the past
 max_orders_per_minute = false
 max_daily_loss_pct = false
 max_drawdown_pct = false

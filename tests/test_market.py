@@ -79,6 +79,7 @@ class Running:
     service: MarketService
     tester: MemoryBus
     received: list[Any]
+    cleared: list[str]  # topics whose retained message was deleted
 
     def bars(self) -> list[Bar]:
         return [m for m in self.received if isinstance(m, Bar)]
@@ -93,9 +94,10 @@ class Running:
 
 
 @asynccontextmanager
-async def running(config: MarketSettings, clock: ManualClock) -> AsyncIterator[Running]:
+async def running(config: MarketSettings, clock: ManualClock,
+                  broker: MemoryBroker | None = None) -> AsyncIterator[Running]:
     """The service on the in-memory bus, driven by `clock`, as `serve` would run it."""
-    broker = MemoryBroker()
+    broker = broker or MemoryBroker()
     bus = MemoryBus("market", broker)
     settings = settings_class({"market": MarketSettings})(market=config)
     service = MarketService(settings, bus)
@@ -105,13 +107,17 @@ async def running(config: MarketSettings, clock: ManualClock) -> AsyncIterator[R
     await tester.connect()
     await tester.subscribe([(Filter("circles/market/#"), 1)])
     received: list[Any] = []
+    cleared: list[str] = []
 
     async def pump() -> None:
         while True:
             for message in await tester.receive(100, timeout=1):
                 spec = registry.spec_for(message.topic)
                 assert spec is not None
-                received.append(spec.decode(message.payload))
+                if message.payload:
+                    received.append(spec.decode(message.payload))
+                else:
+                    cleared.append(message.topic)
                 tester.ack(message)
 
     await bus.connect()
@@ -120,7 +126,7 @@ async def running(config: MarketSettings, clock: ManualClock) -> AsyncIterator[R
     tasks = [asyncio.create_task(runner.receive_loop()), asyncio.create_task(service.run()),
              asyncio.create_task(pump())]
     try:
-        yield Running(service, tester, received)
+        yield Running(service, tester, received, cleared)
     finally:
         runner.stopping.set()
         for task in tasks:
@@ -161,6 +167,7 @@ async def test_synthetic_history_then_a_bar_at_each_close() -> None:
         await until(lambda: run.service.phase == "running", what="history kept")
         await until(lambda: len(run.states()) >= 2, what="initial feed states")
         assert not any(s.stale for s in run.states())
+        assert all(s.live for s in run.states())  # risk may judge them by the wall clock
         assert run.bars() == []  # history is kept, not published
         clock.advance(60)
         bars = await until(lambda: run.bars() if len(run.bars()) == 2 else None, what="2 bars")
@@ -170,6 +177,38 @@ async def test_synthetic_history_then_a_bar_at_each_close() -> None:
         assert (await run.request("history", symbol="btc-usdt", limit=1000,
                                   before=datetime.fromtimestamp(T0 - 60, UTC).isoformat()))[-1]["ts"] \
             == datetime.fromtimestamp(T0 - 120, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def test_feed_states_left_over_are_cleared_at_start() -> None:
+    """The market is the only publisher of feed states: at start it clears the retained
+    states of the feeds it does not serve now (a symbol since removed, another timeframe,
+    another exchange), which risk would otherwise judge stale for ever."""
+    clock = ManualClock(T0 + 15)
+    broker = MemoryBroker()
+    earlier = MemoryBus("earlier-market", broker)
+    await earlier.connect()
+    served = ("sim", "BTC/USDT", "1m")
+    gone = [("sim", "DOGE/USDT", "1m"), ("sim", "BTC/USDT", "5m"), ("binance", "BTC/USDT", "1m")]
+
+    def topic(key: tuple[str, str, str]) -> str:
+        return str(registry.MARKET_FEED.topic(exchange=key[0], symbol=key[1], timeframe=key[2]))
+
+    for exchange, symbol, timeframe in [served, *gone]:
+        state = FeedState(exchange=exchange, symbol=symbol, timeframe=timeframe,  # type: ignore[arg-type]
+                          last_bar_ts=datetime.fromtimestamp(T0 - 86_400, UTC))
+        await earlier.send(registry.MARKET_FEED, state, exchange=exchange, symbol=symbol,
+                           timeframe=timeframe)
+    assert set(broker.retained) == {topic(k) for k in [served, *gone]}
+    async with running(MarketSettings(), clock, broker) as run:
+        await until(lambda: len(run.cleared) == len(gone), what="the states left over cleared")
+        assert sorted(run.cleared) == sorted(topic(k) for k in gone)
+        assert set(broker.retained) == {topic(served)}
+        await until(lambda: broker.retained[topic(served)].sender == "market", what="our state")
+        ours = FeedState.model_validate_json(broker.retained[topic(served)].payload)
+        assert ours.last_bar_ts == datetime.fromtimestamp(T0 - 60, UTC)  # not the old one
+        clock.advance(60)
+        await until(lambda: len(run.bars()) == 1, what="a bar")
+        assert sorted(run.cleared) == sorted(topic(k) for k in gone)  # ours are left alone
 
 
 def test_the_market_service_does_not_import_ccxt_for_synthetic_data() -> None:
@@ -241,6 +280,8 @@ async def test_replay_publishes_every_bar_in_order(
                                                          for m in ms if m.topic == feed_topic)
                                              if s.reason == "replay finished"], 10, "finished")
         assert final[-1].gaps == 1 and not final[-1].stale
+        states = [FeedState.model_validate_json(m.payload) for m in watch.on(feed_topic)]
+        assert states and not any(s.live for s in states)  # old times: not for the wall clock
         assert final[-1].last_bar_ts == bars[-1].ts
         reply = await tester.request("market", "feeds", timeout=10)
         assert reply.ok and reply.result["phase"] == "finished" and reply.result["published"] == 40
@@ -251,6 +292,7 @@ async def test_replay_publishes_every_bar_in_order(
         assert await asyncio.to_thread(proc.wait, 10) == 0, proc.log
     finally:
         proc.stop()
+        await tester.publish(feed_topic, b"", retain=True, wait=True)  # leave no feed behind
         await tester.close()
         await watch.close()
 
@@ -462,6 +504,7 @@ async def test_the_exchange_source_as_a_process(
         assert await asyncio.to_thread(proc.wait, 10) == 0, proc.log
     finally:
         proc.stop()
+        await tester.publish(feed_topic, b"", retain=True, wait=True)  # leave no feed behind
         await tester.close()
         await watch.close()
 

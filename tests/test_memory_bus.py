@@ -80,6 +80,9 @@ class Recorder(Service):
 
     @subscribe(registry.HOME_STATE, device="box")
     async def on_state(self, msg: Received) -> None:
+        if msg.data is None:  # the retained state was deleted
+            self.seen.append((msg.params["entity"], None))
+            return
         if msg.data.value == "explode":
             raise RuntimeError("cannot handle this one")
         self.seen.append((msg.params["entity"], msg.data.value))
@@ -92,6 +95,10 @@ class Recorder(Service):
         if any(i.data.value == "poison" for i in items):
             raise ValueError("poison in batch")
         self.batches.append(len(items))
+
+    @subscribe(registry.TRADE_ACK)
+    async def on_ack(self, msg: Received) -> None:
+        self.seen.append(("ack", msg.data))
 
     async def cmd_add(self, request: CommandRequest) -> int:
         return int(request.model_extra["a"]) + int(request.model_extra["b"])  # type: ignore[index]
@@ -122,6 +129,22 @@ async def test_runner_validates_dispatches_dead_letters_and_acks() -> None:
     assert [("value" in d.reason, d.topic.split("/")[3]) for d in letters] == [(True, "t"), (False, "u")]
     assert "RuntimeError: cannot handle this one" in letters[1].reason
     assert bus.unacked == {}
+
+
+async def test_an_empty_retained_payload_is_a_deletion_not_a_dead_letter() -> None:
+    """MQTT deletes a retained message with an empty one: the handler of a retained topic
+    gets data None. On a topic that is not retained an empty payload is still invalid."""
+    service, runner, bus, tester = await make_runner()
+    state = str(registry.HOME_STATE.topic(device="box", entity="t"))
+    ack = str(registry.TRADE_ACK.topic(account="a"))
+    await tester.publish(state, b'{"value": 1}', retain=True)
+    await tester.publish(state, b"", retain=True)
+    await tester.publish(ack, b"")
+    await runner.handle(await bus.receive(10, timeout=1))
+    assert service.seen == [("t", 1), ("t", None)]
+    letters = [DeadLetter.model_validate_json(m.payload) for m in await tester.receive(10, 1)]
+    assert [d.topic for d in letters] == [ack]
+    assert bus.unacked == {} and state not in bus.broker.retained
 
 
 async def test_batch_handler_retries_temporary_errors_and_isolates_poison() -> None:

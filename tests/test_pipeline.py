@@ -42,7 +42,6 @@ fee_bps = {FEE_BPS}
 [risk]
 accounts = ["{ACCOUNT}"]
 require_clock_sync = false
-halt_on_stale_market = false   # replayed bars are old by the wall clock
 max_orders_per_minute = false
 max_daily_loss_pct = false
 max_drawdown_pct = false

@@ -168,6 +168,27 @@ def test_a_feed_is_stale_when_no_bar_closed_within_stale_after_bars() -> None:
     assert book.assess(later).breaches == []
 
 
+def test_a_replayed_feed_is_not_judged_by_the_wall_clock_and_a_cleared_one_is_forgotten() -> None:
+    book = RiskBook(RiskSettings())
+    long_ago = NOW - timedelta(days=400)
+    replay = FeedState(exchange="sim", symbol="BTC/USDT", timeframe="1m", last_bar_ts=long_ago,
+                       live=False)
+    book.on_feed("replay", replay)
+    assert _limits(book) == [] and book.assess(NOW).figures["stale_feeds"] == 0
+    book.on_feed("replay", replay.model_copy(update={"stale": True, "reason": "the market says"}))
+    assert _limits(book) == ["halt_on_stale_market"]  # its market's word still counts
+    # A state from before `live` existed is a live feed.
+    old = FeedState.model_validate_json(b'{"exchange": "sim", "symbol": "ETH/USDT", '
+                                        b'"timeframe": "1m", "last_bar_ts": "2025-01-30T00:00:00Z"}')
+    assert old.live
+    book.on_feed("old", old)
+    assert book.assess(NOW).figures["stale_feeds"] == 2
+    book.on_feed("old", None)  # cleared by the market: the feed is gone
+    book.on_feed("replay", None)
+    book.on_feed("never seen", None)
+    assert book.feeds == {} and _limits(book) == []
+
+
 def test_conditions_of_the_box_and_the_market() -> None:
     book = RiskBook(RiskSettings())
     book.on_health(_health(disk=50, clock=None))
@@ -492,6 +513,49 @@ async def test_a_market_that_died_is_stale_to_risk_without_another_message(risk:
     assert not refused.ok and "halt_on_stale_market" in (refused.error or "")
     await risk.feed(False, last_bar_ts=datetime.now(UTC) - timedelta(minutes=1))  # back
     await risk.resume_when_allowed()
+
+
+async def test_a_replay_is_not_stale_and_a_feed_no_longer_served_is_forgotten(risk: Risk) -> None:
+    """No `halt_on_stale_market = false` for a replay; and the state of a feed the market no
+    longer serves, left on the broker by an earlier run, is cleared when the market starts,
+    and risk forgets it (an empty retained payload is no dead letter)."""
+    exchange = f"ex{uuid.uuid4().hex[:6]}"
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+
+    async def feed(symbol: str, **values: Any) -> str:
+        await risk.tester.send(registry.MARKET_FEED, FeedState(
+            exchange=exchange, symbol=symbol, timeframe="1m", last_bar_ts=long_ago, **values),
+            exchange=exchange, symbol=symbol, timeframe="1m", wait=True)
+        return str(registry.MARKET_FEED.topic(exchange=exchange, symbol=symbol, timeframe="1m"))
+
+    await risk.start()
+    await risk.halt_where(lambda h: not h.halted, "the initial state")
+    await feed("REPLAY/USDT", live=False, reason="replay finished")
+    state = await risk.state()
+    assert state["risk"]["figures"]["stale_feeds"] == 0 and not state["halt"]["halted"]
+
+    left_over = await feed("OLD/USDT")  # an earlier market's symbol, a month old
+    await risk.halted_by("halt_on_stale_market: the feed " + exchange + " OLD/USDT 1m is stale")
+    market = ServiceProcess("market", risk.broker.env(
+        CIRCLES_MARKET__EXCHANGE=exchange, CIRCLES_MARKET__SYMBOLS='["NEW/USDT"]',
+        CIRCLES_MARKET__HISTORY_BARS="10"), risk.tmp)
+    try:
+        await risk.resume_when_allowed()  # refused until risk forgot the feed
+        state = await risk.state()
+        assert state["risk"]["figures"]["stale_feeds"] == 0 and not state["halt"]["halted"]
+        kept = await Collector.start(risk.broker, registry.MARKET_FEED.filter(exchange=exchange).value)
+        try:
+            await kept.wait(lambda ms: any("new-usdt" in m.topic for m in ms), 10, "the served feed")
+            await asyncio.sleep(0.3)
+            assert left_over not in {m.topic for m in kept.messages}  # gone from the broker
+            # The replay's state is left over too (this market replays nothing).
+            assert all("replay-usdt" not in m.topic for m in kept.messages)
+        finally:
+            await kept.close()
+        await risk.settled()
+        assert risk.watch.on(str(registry.DLQ.topic(service="risk"))) == []
+    finally:
+        market.stop()
 
 
 async def test_commands_need_who_asks(risk: Risk) -> None:

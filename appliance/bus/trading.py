@@ -79,13 +79,16 @@ def check_feed(params: dict[str, str], bar: Bar) -> None:
 
 class FeedState(Payload):
     """Retained per feed: is the data current? `stale` when no new bar came within the
-    configured number of timeframes; `gaps` counts missing bars since the service started."""
+    configured number of timeframes; `gaps` counts missing bars since the service started.
+    `live` is false for a replay: its bars carry old times, so the wall clock says nothing
+    about its staleness. An empty retained payload on the topic says the feed is gone."""
 
     exchange: str
     symbol: str
     timeframe: Timeframe
     last_bar_ts: AwareDatetime | None = None
     stale: bool = False
+    live: bool = True
     gaps: int = 0
     reason: str = ""
     ts: str = Field(default_factory=utcnow)

@@ -38,6 +38,9 @@ class HealthService(Service):
 
     @subscribe(registry.SERVICE_STATUS)
     async def on_status(self, msg: Received) -> None:
+        if msg.data is None:  # the retained status was deleted: the service is gone
+            self.services.pop(msg.params["service"], None)
+            return
         if msg.data not in (ONLINE, OFFLINE):
             raise ValidationFailed(f"status must be {ONLINE!r} or {OFFLINE!r}, not {msg.data!r}")
         online = msg.data == ONLINE

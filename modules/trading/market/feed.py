@@ -40,10 +40,12 @@ class Source(Protocol):
 
 
 class Feed:
-    """The last `keep` bars of one feed, its gap count and its stale flag."""
+    """The last `keep` bars of one feed, its gap count and its stale flag. `live`: its bars
+    are current (not a replay's), so the wall clock can judge its staleness."""
 
-    def __init__(self, key: FeedKey, keep: int) -> None:
+    def __init__(self, key: FeedKey, keep: int, live: bool = True) -> None:
         self.key = key
+        self.live = live
         self.step = TIMEFRAMES[key[2]]
         self.bars: deque[Bar] = deque(maxlen=keep)
         self.gaps = 0
@@ -88,7 +90,7 @@ class Feed:
         last = self.last
         return FeedState(exchange=exchange, symbol=symbol, timeframe=timeframe,
                          last_bar_ts=last.ts if last else None, stale=self.stale,
-                         gaps=self.gaps, reason=reason)
+                         live=self.live, gaps=self.gaps, reason=reason)
 
     def before(self, ts: datetime | None, limit: int) -> list[Bar]:
         """Up to `limit` kept bars opened before `ts` (all when None), oldest first."""

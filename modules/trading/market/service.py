@@ -5,7 +5,10 @@ its state on the retained MARKET_FEED: at start, whenever its stale flag, gap co
 reason changes, and at least once per timeframe. Bars come from one source
 (`[market] source`): synthetic (the demo), an exchange through ccxt, or a replayed file.
 The last `history_bars` bars of each feed are kept and answer the `history` command, so
-the next layers can warm up.
+the next layers can warm up. A replay's feed states say `live = false` (its bars are old).
+At start, the retained states of feeds it does not serve (a symbol since removed, an earlier
+replay, another source or exchange) are cleared: the market is their only publisher, and
+risk would otherwise judge them stale for ever.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from appliance.bus import registry
+from appliance.bus.message import Received
 from appliance.bus.payloads import CommandRequest
 from appliance.bus.topics import slug
 from appliance.bus.trading import Bar
 from appliance.config import CoreSettings
 from appliance.errors import TemporaryError
-from appliance.runtime import Service
+from appliance.runtime import Service, subscribe
 from modules.trading.market.clock import Clock, WallClock
 from modules.trading.market.exchange_source import ExchangeSource
 from modules.trading.market.feed import Feed, FeedKey, Source
@@ -62,7 +66,7 @@ class MarketService(Service):
 
     def _add_feeds(self) -> None:
         for key in self.source.feeds:
-            self.feeds.setdefault(key, Feed(key, self.config.history_bars))
+            self.feeds.setdefault(key, Feed(key, self.config.history_bars, self.source.live))
 
     async def run(self) -> None:
         monitor = asyncio.create_task(self._monitor(), name="feed-monitor")
@@ -100,7 +104,8 @@ class MarketService(Service):
     async def _publish(self, bar: Bar) -> None:
         feed = self.feeds.get(bar.feed)
         if feed is None:
-            feed = self.feeds[bar.feed] = Feed(bar.feed, self.config.history_bars)
+            feed = self.feeds[bar.feed] = Feed(bar.feed, self.config.history_bars,
+                                               self.source.live)
         accepted = feed.accept(bar)
         if accepted is None:
             log.debug("bar not newer than the last one; skipped", extra={"feed": list(bar.feed)})
@@ -111,6 +116,15 @@ class MarketService(Service):
         self.published += 1
         if accepted.gap or feed.stale:
             await self._send_state(feed)
+
+    @subscribe(registry.MARKET_FEED)
+    async def on_feed_state(self, msg: Received) -> None:
+        """Clear the state of a feed not served now: only the market publishes feed states,
+        so it is left over from an earlier run. Our own states, echoed, and deletions pass."""
+        if msg.data is None or any(msg.topic == _state_topic(key) for key in self.feeds):
+            return
+        log.info("clearing the state of a feed no longer served", extra={"topic": msg.topic})
+        await self.bus.publish(msg.topic, b"", retain=True)
 
     async def _monitor(self) -> None:
         tick = min(max(min(f.step for f in self.feeds.values()) / 10, 1.0), 10.0) \
@@ -196,3 +210,8 @@ class MarketService(Service):
         source = getattr(self, "source", None)
         if source is not None:
             await source.close()
+
+
+def _state_topic(key: FeedKey) -> str:
+    exchange, symbol, timeframe = key
+    return str(registry.MARKET_FEED.topic(exchange=exchange, symbol=symbol, timeframe=timeframe))

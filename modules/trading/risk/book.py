@@ -177,8 +177,13 @@ class RiskBook:
         self.orders[order.client_order_id] = created
         self._order_times.append((created, order.client_order_id))
 
-    def on_feed(self, topic: str, feed: FeedState) -> None:
-        self.feeds[topic] = feed
+    def on_feed(self, topic: str, feed: FeedState | None) -> None:
+        """The feed's latest state; None forgets the feed (its retained state was cleared:
+        the market no longer serves it)."""
+        if feed is None:
+            self.feeds.pop(topic, None)
+        else:
+            self.feeds[topic] = feed
 
     def on_health(self, health: HealthState) -> None:
         self.health = health
@@ -257,11 +262,12 @@ class RiskBook:
 
     def staleness(self, feed: FeedState, now: datetime) -> str | None:
         """Why `feed` is stale ("" when the market gave no reason), or None when it is not.
-        The market's own flag counts; and risk judges for itself from the last bar the
-        market reported, because a market that died says nothing any more."""
+        The market's own flag counts; and for a live feed risk judges for itself from the
+        last bar the market reported, because a market that died says nothing any more (a
+        replay's bars are old by the wall clock: only its market can tell)."""
         if feed.stale:
             return feed.reason
-        if feed.last_bar_ts is None:
+        if not feed.live or feed.last_bar_ts is None:
             return None  # no bar yet: only the market can tell how long it has waited
         step = timedelta(seconds=TIMEFRAMES[feed.timeframe])
         closed = feed.last_bar_ts + step

@@ -172,10 +172,12 @@ class RiskService(Service):
 
     @subscribe(registry.TRADING_HALT)
     async def on_halt(self, msg: Received) -> None:
-        halt: TradingHalt = msg.data
+        halt: TradingHalt | None = msg.data  # None: someone deleted the retained halt
         if not self._owned and not self._started:
             # Start-up: the retained halt comes on subscribing; what was queued in our
-            # session comes before it and is older.
+            # session comes before it and is older. A deletion is no halt to restore.
+            if halt is None:
+                return
             if msg.message.retain:
                 self._retained = halt
                 self._restored.set()
@@ -184,14 +186,17 @@ class RiskService(Service):
             return
         if msg.message.sender == self.name:
             return  # our own publication, echoed
-        log.warning("someone else wrote the trading halt; publishing ours again",
-                    extra={"sender": msg.message.sender, "halted": halt.halted})
+        log.warning("someone else wrote or deleted the trading halt; publishing ours again",
+                    extra={"sender": msg.message.sender,
+                           "halted": None if halt is None else halt.halted})
         if self.halt is not None:
             await self.bus.send(registry.TRADING_HALT, self.halt, wait=True)
 
     @subscribe(registry.TRADE_METRICS)
     async def on_metrics(self, msg: Received) -> None:
-        metrics: TradeMetrics = msg.data
+        metrics: TradeMetrics | None = msg.data
+        if metrics is None:
+            return  # the retained metrics were deleted: the last figures known stand
         account = msg.params["account"]
         if slug(metrics.account) != account:
             raise ValidationFailed(f"account {metrics.account!r} is not the topic's ({account!r})")
@@ -201,7 +206,9 @@ class RiskService(Service):
 
     @subscribe(registry.POSITIONS)
     async def on_positions(self, msg: Received) -> None:
-        positions: Positions = msg.data
+        positions: Positions | None = msg.data
+        if positions is None:
+            return  # the retained positions were deleted: the last ones known stand
         account = msg.params["account"]
         if slug(positions.account) != account:
             raise ValidationFailed(f"account {positions.account!r} is not the topic's ({account!r})")
@@ -218,19 +225,21 @@ class RiskService(Service):
 
     @subscribe(registry.MARKET_FEED)
     async def on_feed(self, msg: Received) -> None:
-        feed: FeedState = msg.data
+        feed: FeedState | None = msg.data  # None: the market cleared a feed it no longer serves
         self.book.on_feed(msg.topic, feed)
         await self.assess()
 
     @subscribe(registry.HEALTH_STATE)
     async def on_health(self, msg: Received) -> None:
-        health: HealthState = msg.data
+        health: HealthState | None = msg.data
+        if health is None:
+            return  # the retained health state was deleted: the last one known stands
         self.book.on_health(health)
         await self.assess()
 
     @subscribe(registry.HA_STATUS)
     async def on_ha_status(self, msg: Received) -> None:
-        if str(msg.data).strip() == "online":
+        if msg.data is not None and msg.data.strip() == "online":
             await self.announce()
 
     @subscribe(registry.HA_CMD, command=discovery.HA_COMMAND)

@@ -55,12 +55,12 @@ class RiskSettings(Section):
     max_orders_per_minute: Annotated[int | None, BeforeValidator(_off)] = Field(
         30, ge=1, description="new orders in any sliding minute")
     halt_on_stale_market: Switch = Field(
-        True, description="halt when a market feed is stale: the market says so, or no bar "
-        "closed within `stale_after_bars` timeframes of the wall clock. Replayed feeds carry "
-        "old times and would always be stale: replaying needs `halt_on_stale_market = false`")
+        True, description="halt when a market feed is stale: the market says so, or, for a "
+        "live feed, no bar closed within `stale_after_bars` timeframes of the wall clock (a "
+        "replay's feeds say `live = false`: their times are old, only the market's flag counts)")
     stale_after_bars: int = Field(
         3, ge=1, le=1000,
-        description="a feed whose last bar (MARKET_FEED's last_bar_ts) closed more than this "
+        description="a live feed whose last bar (MARKET_FEED's last_bar_ts) closed more than this "
         "many timeframes ago is stale, even if the market, which may be dead, never said so. "
         "The market refreshes that state once per timeframe, so risk sees the last bar up to "
         "a timeframe late: below 3 a healthy feed may look stale")

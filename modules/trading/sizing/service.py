@@ -272,6 +272,8 @@ class SizingService(Service):
 
     @subscribe(registry.TRADE_METRICS)
     async def on_metrics(self, msg: Received) -> None:
+        if msg.data is None:
+            return  # the retained metrics were deleted: keep the last equity known
         metrics = msg.data.metrics
         equity = equity_from(metrics, self.config.initial_equity)
         if equity is not None:
@@ -280,7 +282,9 @@ class SizingService(Service):
 
     @subscribe(registry.POSITIONS)
     async def on_positions(self, msg: Received) -> None:
-        positions: Positions = msg.data
+        positions: Positions | None = msg.data
+        if positions is None:
+            return  # the retained positions were deleted: nothing new is known
         held: dict[str, Decimal] = {}
         for position in positions.positions:
             held[position.symbol] = held.get(position.symbol, Decimal(0)) + position.qty
