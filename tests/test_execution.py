@@ -23,6 +23,7 @@ from appliance.bus import registry
 from appliance.bus.message import Message
 from appliance.bus.mqtt import MqttBus
 from appliance.bus.payloads import TradingHalt
+from appliance.bus.topics import slug
 from appliance.bus.trade_event import TradeEvent, chain_for
 from appliance.bus.trading import Bar, Order, OrderIntent, Positions
 from appliance.ledger import Ledger, Signer
@@ -55,11 +56,12 @@ def make_intent(account: str, symbol: str, key: str, target: str, bar_ts: dateti
 
 @dataclass
 class Desk:
-    """One test's account and symbol, the tester's bus, and the execution process."""
+    """One test's account and symbol, the tester's bus, and the execution process. `name` is
+    the account as configured, `account` its slug (topics, rows, client order ids)."""
 
     broker: TestBroker
     tmp_path: Path
-    account: str = field(default_factory=lambda: f"acct{uuid.uuid4().hex[:8]}")
+    name: str = field(default_factory=lambda: f"acct{uuid.uuid4().hex[:8]}")
     symbol: str = field(default_factory=lambda: f"T{uuid.uuid4().hex[:6].upper()}/USDT")
     t0: datetime = field(default_factory=hour_ago)
     proc: ServiceProcess | None = None
@@ -67,6 +69,10 @@ class Desk:
     env: dict[str, str] = field(default_factory=dict)
     tester: MqttBus | None = None
     watch: Collector | None = None
+
+    @property
+    def account(self) -> str:
+        return slug(self.name)
 
     def at(self, n: int) -> datetime:
         """The open time of bar n."""
@@ -91,7 +97,7 @@ class Desk:
         status = await Collector.start(self.broker, str(registry.SERVICE_STATUS.topic(service=NAME)))
         try:
             status.messages.clear()
-            self.env = {"CIRCLES_DATABASE__URL": self.url, "CIRCLES_EXECUTION__ACCOUNT": self.account,
+            self.env = {"CIRCLES_DATABASE__URL": self.url, "CIRCLES_EXECUTION__ACCOUNT": self.name,
                         "CIRCLES_EXECUTION__RESEND_AFTER_S": "1", **env}
             self.proc = ServiceProcess(NAME, self.broker.env(**self.env), self.tmp_path)
             await status.wait(lambda ms: any(m.payload == b"online" for m in ms), 20, "online")
@@ -113,6 +119,12 @@ class Desk:
         assert self.proc
         self.proc.signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    async def restart(self) -> None:
+        assert self.proc
+        self.proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(self.proc.wait, 10) == 0
+        await self.start()
 
     async def close(self) -> None:
         for proc in (self.proc, self.logger):
@@ -146,7 +158,7 @@ class Desk:
         return bar
 
     def intent(self, n: int, target: str, key: str | None = None) -> OrderIntent:
-        return make_intent(self.account, self.symbol, key or f"{self.account}-{n}", target,
+        return make_intent(self.name, self.symbol, key or f"{self.account}-{n}", target,
                            self.at(n))
 
     async def send_intent(self, n: int, target: str, key: str | None = None) -> OrderIntent:
@@ -195,14 +207,21 @@ class Desk:
         return reply.result
 
 
-@pytest.fixture
-async def desk(broker: TestBroker, tmp_path: Path) -> AsyncIterator[Desk]:
-    made = Desk(broker, tmp_path)
+@asynccontextmanager
+async def opened(made: Desk) -> AsyncIterator[Desk]:
     await made.connect()
-    yield made
-    await made.close()
+    try:
+        yield made
+    finally:
+        await made.close()
     if made.proc is not None and "Traceback" in made.proc.log:
         pytest.fail(f"the service logged a traceback:\n{made.proc.log[-3000:]}")
+
+
+@pytest.fixture
+async def desk(broker: TestBroker, tmp_path: Path) -> AsyncIterator[Desk]:
+    async with opened(Desk(broker, tmp_path)) as made:
+        yield made
 
 
 BPS = Decimal("0.0001")
@@ -213,8 +232,9 @@ async def test_paper_fills_at_next_open_partially_and_the_ledger_confirms(desk: 
     await desk.start()
     await desk.send_bar(0, 99, 100)
     await desk.send_intent(0, "2")
-    # Nothing fills on the intent's own bar: the next bar's open (with slippage) does.
-    await asyncio.sleep(0.5)
+    # Nothing fills on the intent's own bar: the next bar's open (with slippage) does. (A
+    # fill would be published before the order's update of the same step.)
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "open", "the order made")
     assert not desk.fills()
     await desk.send_bar(1, 100, 101, volume=100)
     await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "first order filled")
@@ -289,7 +309,9 @@ async def test_the_same_intent_twice_orders_once(desk: Desk) -> None:
     await desk.send_intent(0, "5", key=f"{desk.account}-again")  # re-sent under a new key
     await desk.send_bar(1, 100)
     await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
-    await asyncio.sleep(0.5)
+    await desk.wait(lambda: len(desk.rows(intents)) == 2, "both keys decided")
+    assert {r.key: r.status for r in desk.rows(intents)} == {
+        f"{desk.account}-0": "ordered", f"{desk.account}-again": "noop"}
     assert [r.client_order_id for r in desk.rows(orders)] == [desk.coid(0)]
     assert len(desk.fills()) == 1
     answer = await desk.request("orders")
@@ -338,7 +360,7 @@ async def test_intents_wait_for_the_halt_state_after_a_start(desk: Desk) -> None
     await desk.start(halted=None, CIRCLES_EXECUTION__HALT_WAIT_S="30")
     await desk.send_bar(0, 100)
     await desk.send_intent(0, "1")
-    await asyncio.sleep(0.5)
+    await desk.wait(lambda: [r.status for r in desk.rows(intents)] == ["waiting"], "it waits")
     assert desk.updates() == []
     await desk.halt(False)
     await desk.wait(lambda: desk.last_status(desk.coid(0)) == "open", "ordered once known")
@@ -356,12 +378,57 @@ async def test_flatten_closes_positions_even_while_halted(desk: Desk) -> None:
     answer = await desk.request("flatten", by="alice")
     (order,) = answer["orders"]
     assert (order["side"], Decimal(order["qty"]), order["status"]) == ("sell", 4, "open")
+    # Asked again (a retry, Home Assistant and the command line both): the same order, not
+    # a second one that would leave the account short once both filled.
+    again = await desk.request("flatten", by="bob")
+    assert [o["client_order_id"] for o in again["orders"]] == [order["client_order_id"]]
     await desk.send_bar(2, 90)
     await desk.wait(lambda: desk.last_status(order["client_order_id"]) == "filled", "flat")
     closing = next(e for e in desk.fills().values() if e.order_id == order["client_order_id"])
     assert closing.price == Decimal(90) * (1 - 5 * BPS) and closing.strategy_id == "ens"
     assert (await desk.request("positions"))["positions"] == []
     assert Decimal(desk.rows(positions)[0].qty) == 0
+    assert sorted(r.intent_key.startswith("flatten") for r in desk.rows(orders)) == [False, True]
+
+
+async def test_a_deleted_halt_makes_the_state_unknown_and_stops_new_orders(desk: Desk) -> None:
+    await desk.start(CIRCLES_EXECUTION__HALT_WAIT_S="0")
+    await desk.send_bar(0, 100)
+    await desk.send_intent(0, "1")
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "open", "ordered")
+    await desk.no_halt()  # MQTT's deletion of the retained halt: an empty payload
+    await desk.send_intent(1, "2")
+    await desk.wait(lambda: desk.last_status(desk.coid(1)) == "rejected", "refused")
+    assert "halt state unknown" in desk.updates()[-1].reason
+    await desk.send_bar(1, 100)
+    answer = await desk.request("orders")  # handled after the bar: nothing filled on it
+    assert [(o["client_order_id"], Decimal(o["filled"])) for o in answer["open"]] == [(desk.coid(0), 0)]
+    assert (await desk.request("positions"))["halted"] is None
+    await desk.halt(False)  # known again: the open order catches up on the bar it missed
+    await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+
+
+async def test_an_account_named_with_capitals_finds_its_orders_after_a_restart(
+        broker: TestBroker, tmp_path: Path) -> None:
+    """Rows are keyed by the account's slug: `Main…` writes and finds `main…`, so an open order
+    is still counted after a restart and the same target orders nothing more."""
+    async with opened(Desk(broker, tmp_path, name=f"Main{uuid.uuid4().hex[:8]}")) as desk:
+        await desk.start()
+        await desk.send_bar(0, 100)
+        await desk.send_intent(0, "2")  # next_open: the order waits for the next bar
+        await desk.wait(lambda: desk.last_status(desk.coid(0)) == "open", "ordered")
+        await desk.restart()
+        answer = await desk.request("orders")
+        assert [(o["client_order_id"], o["account"]) for o in answer["open"]] == [
+            (desk.coid(0), desk.name)]
+        assert [o["client_order_id"] for o in answer["recent"]] == [desk.coid(0)]
+        await desk.send_intent(1, "2")  # the same target: held + on order already
+        await desk.wait(lambda: len(desk.rows(intents)) == 2, "decided")
+        assert [r.status for r in sorted(desk.rows(intents), key=lambda r: r.id)] == ["ordered", "noop"]
+        await desk.send_bar(1, 100)
+        await desk.wait(lambda: desk.last_status(desk.coid(0)) == "filled", "filled")
+        assert [r.client_order_id for r in desk.rows(orders)] == [desk.coid(0)]
+        assert Decimal(desk.rows(positions)[0].qty) == 2
 
 
 async def test_kill_9_loses_no_fill_and_orders_nothing_twice(desk: Desk) -> None:
@@ -391,10 +458,6 @@ async def test_kill_9_loses_no_fill_and_orders_nothing_twice(desk: Desk) -> None
 
     await desk.wait(settled, "every intent decided, every order settled, every event confirmed", 40)
     order_rows = desk.rows(orders)
-    keys = [r.intent_key for r in order_rows]
-    assert len(keys) == len(set(keys))  # one order per intent at most
-    assert {r.client_order_id for r in order_rows} == {desk.coid(int(k.rsplit("-", 1)[1]))
-                                                        for k in keys}
     events = desk.rows(outbox)
     by_order: dict[str, int] = {}
     for row in events:
@@ -601,3 +664,56 @@ async def test_a_redelivered_intent_cancels_nothing(tmp_path: Path) -> None:
     assert {r.intent_key: (r.side, r.qty, r.status) for r in box.rows(orders)} == {
         "k1": ("buy", "5", "cancelled"), "k2": ("sell", "3", "open")}
     assert [r.status for r in box.rows(intents)] == ["ordered", "ordered"]
+
+
+async def test_subscriptions_are_narrowed_to_the_account_by_topic_values(tmp_path: Path) -> None:
+    async with in_memory(tmp_path) as box:
+        assert box.service.topic_values() == {"account": "replay"}
+        assert "_handlers" not in vars(box.service)  # the class's list, narrowed by the runner
+        filters = {str(f) for f, _ in box.runner.filters()}
+        assert {str(registry.ORDER_INTENT.filter(account="replay")),
+                str(registry.TRADE_ACK.filter(account="replay"))} <= filters
+
+
+def test_database_errors_are_translated_at_the_store(tmp_path: Path) -> None:
+    """The store raises TemporaryError (the service waits and retries); the service itself
+    knows nothing of sqlalchemy."""
+    from appliance.errors import TemporaryError
+    from modules.trading.execution import service
+    from modules.trading.execution.store import ExecutionStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'no such directory' / 'box.db'}")
+    try:
+        with pytest.raises(TemporaryError, match="database unavailable"):
+            ExecutionStore(engine, "paper").open_orders()
+    finally:
+        engine.dispose()
+    assert "sqlalchemy" not in Path(service.__file__).read_text()
+
+
+def test_order_rows_are_keyed_by_the_slug_and_rows_of_the_name_still_found(tmp_path: Path) -> None:
+    """`Main` writes its rows as `main`; rows a version before wrote under `Main` are found
+    too (else their orders, live at the exchange, would be neither polled nor counted)."""
+    from sqlalchemy import update
+
+    from modules.trading.execution.orders import Change, OrderRow
+    from modules.trading.execution.store import ExecutionStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'box.db'}")
+    db.migrate(engine)
+    store = ExecutionStore(engine, "main", "Main")
+    change = Change()
+    for coid in ("c-new", "c-old"):
+        change.put(OrderRow(client_order_id=coid, account="Main", intent_key=coid,
+                            strategy_id="s", exchange="sim", symbol="BTC/USDT", side="buy",
+                            qty=Decimal(1), status="open", created_at=coid), new=True)
+    assert store.commit(change)
+    with engine.begin() as conn:
+        assert [r.account for r in conn.execute(select(orders))] == ["main", "main"]
+        conn.execute(update(orders).where(orders.c.client_order_id == "c-old").values(account="Main"))
+    try:
+        assert [(o.client_order_id, o.account) for o in store.open_orders()] == [
+            ("c-new", "Main"), ("c-old", "Main")]
+        assert len(store.recent_orders(10)) == 2
+    finally:
+        engine.dispose()

@@ -23,8 +23,8 @@ from appliance.bus.payloads import TradingHalt
 from appliance.bus.trade_event import TradeEvent
 from appliance.bus.trading import Order, OrderIntent
 from appliance.security.secrets import write_secret
-from modules.trading.execution.orders import OrderRow, client_order_id
-from modules.trading.execution.store import ExecutionStore, orders, outbox
+from modules.trading.execution.orders import Change, OrderRow, PositionRow, client_order_id
+from modules.trading.execution.store import ExecutionStore, intents, orders, outbox, positions
 from tests.fake_exchange import API_KEY, SECRET, FakeExchange, fake_exchange_fixture  # noqa: F401
 from tests.helpers import Collector, ServiceProcess, TestBroker
 
@@ -47,10 +47,10 @@ class LiveDesk:
         self.bar_ts = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
         fake.prices["BTCUSDT"] = Decimal("60000")
 
-    def config(self, **execution: Any) -> Path:
+    def config(self, exchange_id: str = "binance", **execution: Any) -> Path:
         settings = {"mode": "live", "live_confirmed": True, "account": self.account,
                     "poll_s": 0.5, "resend_after_s": 1, **execution}
-        exchange = {"id": "binance", "urls": self.fake.urls(), "backoff_s": 0.05,
+        exchange = {"id": exchange_id, "urls": self.fake.urls(), "backoff_s": 0.05,
                     "timeout_ms": 3000, "breaker_reset_s": 1,
                     # a lost send is known not to have been taken once its signed request expired
                     "options": {"recvWindow": 1500}}
@@ -94,14 +94,55 @@ class LiveDesk:
         await self.watch.close()
         await self.tester.close()
 
-    def intent(self, key: str, target: str) -> OrderIntent:
+    def intent(self, key: str, target: str, *, bar_ts: datetime | None = None,
+               timeframe: str | None = "1m") -> OrderIntent:
         return OrderIntent(key=key, account=self.account, exchange="binance", symbol=BTC,
-                           target_qty=Decimal(target), price=Decimal(60000), bar_ts=self.bar_ts)
+                           target_qty=Decimal(target), price=Decimal(60000),
+                           bar_ts=bar_ts or self.bar_ts, timeframe=timeframe)
 
-    async def send_intent(self, key: str, target: str) -> str:
-        await self.tester.send(registry.ORDER_INTENT, self.intent(key, target),
+    async def send_intent(self, key: str, target: str, **kw: Any) -> str:
+        await self.tester.send(registry.ORDER_INTENT, self.intent(key, target, **kw),
                                account=self.account, wait=True)
         return client_order_id(self.account, key)
+
+    async def decided(self, key: str) -> str:
+        """The intent's outcome, once its row says it was decided."""
+        def outcome() -> str | None:
+            found = [r.status for r in self.rows(intents) if r.key == key and r.status != "waiting"]
+            return found[0] if found else None
+
+        return str(await self.watch.wait(lambda ms: outcome(), 20, f"intent {key} decided"))
+
+    async def reconciled(self) -> dict[str, Any]:
+        """The positions command's answer once the start-up comparison is done."""
+        deadline = time.monotonic() + 15
+        while not (reply := await self.tester.request(NAME, "positions", timeout=10)).result["reconciled"]:
+            assert time.monotonic() < deadline, "no reconciliation"
+            await asyncio.sleep(0.2)
+        result: dict[str, Any] = reply.result
+        return result
+
+    def seed(self, change: Change) -> None:
+        """Commit `change` as a crash would have left it, before the service starts."""
+        engine = db.make_engine(self.url)
+        db.migrate(engine)
+        try:
+            ExecutionStore(engine, self.account).commit(change)
+        finally:
+            engine.dispose()
+
+    def resting(self, key: str, qty: str = "0.01", price: str = "50000") -> tuple[OrderIntent, OrderRow]:
+        """An intent and its buy order, open and resting at the exchange (a limit below the
+        market, as one left from before a restart)."""
+        intent = self.intent(key, "0.01")
+        coid = client_order_id(self.account, key)
+        now = datetime.now(UTC).isoformat()
+        with self.fake.lock:
+            self.fake._create({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": qty,
+                               "price": price, "newClientOrderId": coid})
+        return intent, OrderRow(client_order_id=coid, account=self.account, intent_key=key,
+                                strategy_id="ens", exchange="binance", symbol=BTC, side="buy",
+                                qty=Decimal(qty), status="open", created_at=now, updated_at=now)
 
     def updates(self, coid: str) -> list[Order]:
         return [o for o in (Order.model_validate_json(m.payload) for m in self.watch.on(
@@ -156,7 +197,7 @@ async def test_live_order_fills_once_under_its_client_order_id(desk: LiveDesk) -
     assert fill.fee == Decimal("0.6") and fill.fee_currency == "USDT"
     # The same target again orders nothing.
     again = await desk.send_intent(f"{desk.account}-2", "0.01")
-    await asyncio.sleep(1.5)
+    assert await desk.decided(f"{desk.account}-2") == "noop"
     assert desk.updates(again) == [] and len(desk.fake.orders) == 1
     # A restart finds the exchange's BTC as ours; BTC from elsewhere is reported, not adopted.
     assert desk.proc
@@ -165,15 +206,12 @@ async def test_live_order_fills_once_under_its_client_order_id(desk: LiveDesk) -
     with desk.fake.lock:
         desk.fake.balances["BTC"] += Decimal("0.5")
     await desk.start()
-    deadline = time.monotonic() + 15
-    while not (reply := await desk.tester.request(NAME, "positions", timeout=10)).result["reconciled"]:
-        assert time.monotonic() < deadline, "no reconciliation"
-        await asyncio.sleep(0.2)
-    (position,) = reply.result["positions"]
+    result = await desk.reconciled()
+    (position,) = result["positions"]
     assert Decimal(position["qty"]) == Decimal("0.01")
-    assert reply.result["discrepancies"] == [{"symbol": BTC, "currency": "BTC", "ours": "0.01",
-                                              "exchange": "0.51", "difference": "0.5"}]
-    assert "differs from our position" in desk.proc.log
+    assert result["discrepancies"] == [{"kind": "balance", "symbol": BTC, "currency": "BTC",
+                                        "ours": "0.01", "exchange": "0.51", "difference": "0.5"}]
+    assert "the exchange differs from our records" in desk.proc.log
 
 
 async def test_kill_9_while_the_exchange_answers_sends_nothing_twice(desk: LiveDesk) -> None:
@@ -197,16 +235,15 @@ async def test_kill_9_while_the_exchange_answers_sends_nothing_twice(desk: LiveD
 
 async def test_an_order_that_never_left_is_sent_after_a_restart(desk: LiveDesk) -> None:
     """The process died between writing the order and sending it."""
-    engine = db.make_engine(desk.url)
-    db.migrate(engine)
     intent = desk.intent(f"{desk.account}-1", "0.03")
     coid = client_order_id(desk.account, intent.key)
     now = datetime.now(UTC).isoformat()
-    ExecutionStore(engine, desk.account).record_intent(intent, "ordered", "", [OrderRow(
+    change = Change(intent=intent, outcome="ordered")
+    change.put(OrderRow(
         client_order_id=coid, account=desk.account, intent_key=intent.key, strategy_id="ens",
         exchange="binance", symbol=BTC, side="buy", qty=Decimal("0.03"), status="new",
-        created_at=now, updated_at=now)])
-    engine.dispose()
+        created_at=now, updated_at=now), new=True)
+    desk.seed(change)
     await desk.start()
     await desk.status(coid, "filled")
     assert desk.fake.created[coid] == 1
@@ -244,19 +281,11 @@ async def test_insufficient_funds_rejects_the_order_and_the_service_goes_on(desk
 
 async def test_halt_refuses_intents_and_cancels_open_live_orders(desk: LiveDesk) -> None:
     # An order resting at the exchange from before a restart (a limit below the market).
-    engine = db.make_engine(desk.url)
-    db.migrate(engine)
-    intent = desk.intent(f"{desk.account}-resting", "0.01")
-    resting = client_order_id(desk.account, intent.key)
-    now = datetime.now(UTC).isoformat()
-    ExecutionStore(engine, desk.account).record_intent(intent, "ordered", "", [OrderRow(
-        client_order_id=resting, account=desk.account, intent_key=intent.key,
-        strategy_id="ens", exchange="binance", symbol=BTC, side="buy", qty=Decimal("0.01"),
-        status="open", created_at=now, updated_at=now)])
-    engine.dispose()
-    with desk.fake.lock:
-        desk.fake._create({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT",
-                           "quantity": "0.01", "price": "50000", "newClientOrderId": resting})
+    intent, row = desk.resting(f"{desk.account}-resting")
+    resting = row.client_order_id
+    change = Change(intent=intent, outcome="ordered")
+    change.put(row, new=True)
+    desk.seed(change)
     await desk.start()
     await desk.tester.send(registry.TRADING_HALT,
                            TradingHalt(halted=True, by="tester", reason="stop"), wait=True)
@@ -269,12 +298,20 @@ async def test_halt_refuses_intents_and_cancels_open_live_orders(desk: LiveDesk)
     assert desk.fills() == []
 
 
-async def test_bad_credentials_stop_the_service_with_an_error(desk: LiveDesk) -> None:
+async def test_bad_credentials_exit_78_so_systemd_does_not_log_in_again(desk: LiveDesk) -> None:
+    """A restart loop would repeat the refused login until the exchange bans the address."""
     desk.credentials(api_key="wrong-key")
     proc = desk.launch()
     code = await asyncio.to_thread(proc.wait, 30)
-    assert code == 1
+    assert code == 78
     assert '"log_level": "ERROR"' in proc.log and "Invalid API-key" in proc.log
+    assert desk.fake.calls("/api/v3/account") == 1
+
+
+async def test_an_exchange_without_client_id_lookups_exits_78_before_any_call(desk: LiveDesk) -> None:
+    proc = desk.launch(exchange_id="kucoin")
+    assert await asyncio.to_thread(proc.wait, 20) == 78
+    assert "execution.exchange.id" in proc.log and "'kucoin' cannot be traded live" in proc.log
 
 
 async def test_missing_credentials_exit_78_naming_the_secret(desk: LiveDesk) -> None:
@@ -332,3 +369,89 @@ def test_positions_average_and_cross_zero() -> None:
                              (fill("buy", "1", "100", "0.001", "BTC"), ("0.999", "100"))]:
         position = position_after(position, *step)
         assert (position.qty, position.avg_price) == (Decimal(qty), Decimal(avg)), step
+
+
+async def test_a_live_intent_whose_bar_is_old_by_the_clock_is_refused(desk: LiveDesk) -> None:
+    """Right after a start no bar has been seen: an intent that waited in the broker for hours
+    is judged by the wall clock (and one naming no timeframe cannot be judged at all)."""
+    await desk.start()
+    old = await desk.send_intent(f"{desk.account}-old", "0.01",
+                                 bar_ts=desk.bar_ts - timedelta(hours=3))
+    unknown = await desk.send_intent(f"{desk.account}-untimed", "0.01", timeframe=None)
+    fresh = await desk.send_intent(f"{desk.account}-fresh", "0.01")
+    await desk.status(fresh, "filled")
+    (refused,) = desk.updates(old)
+    assert refused.status == "rejected" and "stale intent" in refused.reason
+    (untimed,) = desk.updates(unknown)
+    assert untimed.status == "rejected" and "no timeframe" in untimed.reason
+    assert desk.fake.created[old] == desk.fake.created[unknown] == 0
+
+
+async def test_open_orders_of_ours_unknown_to_the_database_are_reported(desk: LiveDesk) -> None:
+    """An order at the exchange under one of our client order ids that our database does not
+    hold (a database restored from a backup, say) is reported, not adopted; others' orders
+    are none of our business."""
+    _, lost = desk.resting(f"{desk.account}-lost")
+    with desk.fake.lock:
+        desk.fake._create({"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT",
+                           "quantity": "0.01", "price": "49000", "newClientOrderId": "web_42"})
+    await desk.start()
+    result = await desk.reconciled()
+    (found,) = result["discrepancies"]
+    assert found["kind"] == "order" and found["client_order_id"] == lost.client_order_id
+    assert (found["symbol"], found["side"], Decimal(found["qty"])) == (BTC, "buy", Decimal("0.01"))
+    assert "unknown to our database" in found["problem"]
+    answer = await desk.tester.request(NAME, "orders", timeout=10)
+    assert answer.result["discrepancies"] == [found] and answer.result["open"] == []
+    assert desk.proc and "the exchange differs from our records" in desk.proc.log
+    assert desk.fake.calls("/api/v3/openOrders", "GET") >= 1
+
+
+async def test_flatten_counts_an_order_whose_cancel_is_not_confirmed(desk: LiveDesk) -> None:
+    """Long 0.01 with a buy of 0.01 resting at the exchange: the flatten asks for its cancel,
+    but it may fill first (here it does), so the flatten sells both."""
+    intent, row = desk.resting(f"{desk.account}-resting")
+    change = Change(intent=intent, outcome="ordered")
+    change.put(row, new=True)
+    change.positions[BTC] = PositionRow(account=desk.account, symbol=BTC, exchange="binance",
+                                        qty=Decimal("0.01"), avg_price=Decimal(60000))
+    desk.seed(change)
+    with desk.fake.lock:
+        desk.fake.balances["BTC"] = Decimal("0.01")
+    await desk.start()
+    assert (await desk.reconciled())["discrepancies"] == []
+    desk.fake.fail_next("/api/v3/order", method="DELETE", status=503, delay_s=2)  # a slow cancel
+    reply = await desk.tester.request(NAME, "flatten", {"by": "tester"}, timeout=10)
+    (flatten,) = reply.result["orders"]
+    assert (flatten["side"], Decimal(flatten["qty"])) == ("sell", Decimal("0.02"))
+    with desk.fake.lock:  # the resting buy fills before the cancel gets through
+        order = next(o for o in desk.fake.orders if o.client_order_id == row.client_order_id)
+        order.status, order.executed, order.quote = "FILLED", order.qty, order.qty * order.price
+        desk.fake.locked["USDT"] -= order.qty * order.price * (1 + desk.fake.fee_rate)
+        desk.fake.balances["BTC"] += order.qty
+        desk.fake.balances["USDT"] -= order.qty * order.price
+    await desk.status(row.client_order_id, "filled")
+    await desk.status(flatten["client_order_id"], "filled")
+    assert desk.fake.balances["BTC"] == 0 and Decimal(desk.rows(positions)[0].qty) == 0
+
+
+async def test_kill_9_with_several_orders_in_flight_creates_each_once(desk: LiveDesk) -> None:
+    """Three orders written as new; the exchange takes the first but answers late, and the
+    process dies meanwhile. After the restart each is looked up before it is sent: every one
+    reaches the exchange exactly once (the second again with a late answer)."""
+    await desk.start()
+    desk.fake.fail_next("/api/v3/order", times=2, method="POST", status=None, delay_s=4, taken=True)
+    coids = [await desk.send_intent(f"{desk.account}-{n}", str(Decimal("0.01") * n))
+             for n in (1, 2, 3)]
+    await desk.watch.wait(lambda ms: desk.fake.created[coids[0]] == 1 and len(desk.rows(orders)) == 3,
+                          15, "three orders written, the first sent")
+    desk.kill()
+    assert sorted(r.status for r in desk.rows(orders)) == ["new", "new", "new"]
+    await desk.start()
+    for coid in coids:
+        await desk.status(coid, "filled", timeout=40)
+    assert [desk.fake.created[c] for c in coids] == [1, 1, 1]
+    assert [desk.at_exchange(c) for c in coids] == [1, 1, 1]
+    await desk.watch.wait(lambda ms: len(desk.rows(outbox)) == 3, 10, "three fills")
+    assert sorted(r.event_id for r in desk.rows(outbox)) == sorted(f"{c}-f1" for c in coids)
+    assert Decimal(desk.rows(positions)[0].qty) == Decimal("0.03")

@@ -8,6 +8,7 @@ short) and unsigned on an order (its `side` gives the direction). Everything is 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal
@@ -22,6 +23,7 @@ OPEN_STATUSES: tuple[OrderStatus, ...] = ("new", "open", "partial")
 Kind = Literal["intent", "flatten"]
 PLACES = 18  # decimals kept of a price, quantity or fee (a TRADE_EVENT holds up to 30)
 _WIDE = Context(prec=80)  # quantizing a large number to 18 places needs more than 28 digits
+_CLIENT_ORDER_ID = re.compile(r"c[0-9a-f]{20}(-[0-9]+)?")
 
 
 def rounded(value: Decimal, *, down: bool = False) -> Decimal:
@@ -43,6 +45,11 @@ def client_order_id(account: str, intent_key: str, n: int = 0) -> str:
     same order; at most 36 characters of `[A-Za-z0-9_-]`, as Binance (and ccxt) allow."""
     digest = hashlib.sha256(f"{account}|{intent_key}".encode()).hexdigest()[:20]
     return f"c{digest}" if n == 0 else f"c{digest}-{n}"
+
+
+def is_client_order_id(value: str) -> bool:
+    """Whether `value` has the form of `client_order_id`'s ids (an order Circles made)."""
+    return _CLIENT_ORDER_ID.fullmatch(value) is not None
 
 
 def fill_event_id(client_order_id: str, n: int) -> str:

@@ -9,15 +9,17 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from appliance.bus.topics import slug
 from appliance.config import Section
 from modules.trading.exchange import ExchangeSettings
 
 
 class ExecutionSettings(Section):
-    account: str = Field("paper", min_length=1, max_length=64, pattern=r"[A-Za-z0-9_]",
-                         description="the trading account: intents, orders and trade events")
+    account: str = Field("paper", min_length=1, max_length=64,
+                         description="the trading account: intents, orders and trade events; "
+                                     "its slug (`Main` → `main`) keys topics, rows and secrets")
     mode: Literal["paper", "live"] = "paper"
     live_confirmed: bool = Field(False, description="must be true, with mode = live, to trade "
                                                     "real money")
@@ -35,8 +37,10 @@ class ExecutionSettings(Section):
     starting_balance: Decimal = Field(Decimal(10000), ge=0, max_digits=30, decimal_places=8,
                                       description="the paper account's deposit (0: none)")
     quote_currency: str = Field("USDT", min_length=1, max_length=32)
-    max_intent_age_bars: int = Field(2, ge=0, description="an intent older than this many "
-                                     "bars of its symbol's newest bar is refused as stale")
+    max_intent_age_bars: int = Field(2, ge=0, description="an intent whose bar is more than "
+                                     "this many bars older than its feed's newest bar is refused "
+                                     "as stale; live, also when its bar closed longer ago than "
+                                     "this many timeframes by the wall clock")
     min_qty: Decimal = Field(Decimal("1e-8"), gt=0, description="smaller deltas are ignored")
     halt_wait_s: float = Field(10.0, ge=0, description="after start, how long intents wait "
                                "for the retained trading halt before being refused")
@@ -44,6 +48,12 @@ class ExecutionSettings(Section):
     poll_s: float = Field(2.0, gt=0, description="live: seconds between polls of open orders")
     positions_interval_s: float = Field(5.0, gt=0, description="republish marked positions "
                                         "at most this often when marks changed")
+
+    @field_validator("account")
+    @classmethod
+    def _usable_account(cls, account: str) -> str:
+        slug(account)  # ValueError when nothing of it is usable in a topic
+        return account
 
     @model_validator(mode="after")
     def _live_needs_confirmation(self) -> ExecutionSettings:

@@ -5,15 +5,20 @@ Every method is blocking: the service calls them in a thread. A step is one tran
 their fills); a fill with its order, its position and its trade event in the outbox. Only
 this process writes these rows of its account, so the service may keep what it committed as
 its in-memory view.
+
+Rows are keyed by the account's slug (`main` for the account named `Main`); order rows read
+back carry the account's name, as the payloads show it. A database that is locked or away
+raises DatabaseUnavailable (a TemporaryError): the one place sqlalchemy's errors are known.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -30,12 +35,16 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import OperationalError as SqlOperationalError
 
 from appliance.bus.payloads import utcnow
 from appliance.bus.trade_event import TradeEvent
 from appliance.bus.trading import OrderIntent
+from appliance.errors import TemporaryError
 from modules.trading.execution.orders import OPEN_STATUSES, Change, OrderRow, PositionRow, text
 
+P = ParamSpec("P")
+R = TypeVar("R")
 metadata = MetaData()
 intents = Table(
     "execution_intents", metadata,
@@ -77,6 +86,21 @@ _SAVE_POSITION = update(positions).where(positions.c.account == bindparam("b_acc
                                          positions.c.symbol == bindparam("b_symbol"))
 
 
+class DatabaseUnavailable(TemporaryError):
+    """The database is locked or cannot be reached; the transaction was rolled back, so the
+    call may be tried again."""
+
+
+def _translated(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except SqlOperationalError as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
+    return call
+
+
 @dataclass(frozen=True)
 class Pending:
     """A trade event in the outbox, not yet confirmed by the trade logger."""
@@ -86,9 +110,9 @@ class Pending:
     data: str
 
 
-def _order_values(order: OrderRow) -> dict[str, Any]:
+def _order_values(account: str, order: OrderRow) -> dict[str, Any]:
     return {
-        "client_order_id": order.client_order_id, "account": order.account,
+        "client_order_id": order.client_order_id, "account": account,
         "intent_key": order.intent_key, "kind": order.kind, "strategy_id": order.strategy_id,
         "exchange": order.exchange, "symbol": order.symbol, "timeframe": order.timeframe,
         "side": order.side, "qty": text(order.qty), "filled": text(order.filled),
@@ -101,9 +125,9 @@ def _order_values(order: OrderRow) -> dict[str, Any]:
         "created_at": order.created_at, "updated_at": order.updated_at or order.created_at}
 
 
-def _order(row: Any) -> OrderRow:
+def _order(name: str, row: Any) -> OrderRow:
     return OrderRow(
-        client_order_id=row.client_order_id, account=row.account, intent_key=row.intent_key,
+        client_order_id=row.client_order_id, account=name, intent_key=row.intent_key,
         strategy_id=row.strategy_id, exchange=row.exchange, symbol=row.symbol, side=row.side,
         qty=Decimal(row.qty), status=row.status, kind=row.kind, filled=Decimal(row.filled),
         avg_price=None if row.avg_price is None else Decimal(row.avg_price),
@@ -121,41 +145,50 @@ def _position(row: Any) -> PositionRow:
 
 
 class ExecutionStore:
-    """The rows of one account."""
+    """The rows of one account: `account` its slug (the key of every row), `name` as
+    configured (default: the slug)."""
 
-    def __init__(self, engine: Engine, account: str) -> None:
+    def __init__(self, engine: Engine, account: str, name: str | None = None) -> None:
         self.engine = engine
         self.account = account
+        self.name = name or account
+        # Order rows written before they were keyed by the slug carry the name.
+        self._mine = orders.c.account.in_(sorted({account, self.name}))
 
     # -- reading ----------------------------------------------------------------------------
+    @_translated
     def open_orders(self) -> list[OrderRow]:
         """Orders still new, open or partially filled, oldest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(orders).where(orders.c.account == self.account,
-                                                     orders.c.status.in_(OPEN_STATUSES))
+            rows = conn.execute(select(orders).where(self._mine, orders.c.status.in_(OPEN_STATUSES))
                                 .order_by(orders.c.created_at, orders.c.client_order_id))
-            return [_order(r) for r in rows]
+            return [_order(self.name, r) for r in rows]
 
+    @_translated
     def recent_orders(self, limit: int) -> list[OrderRow]:
         """The last `limit` orders of any status, newest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(orders).where(orders.c.account == self.account)
+            rows = conn.execute(select(orders).where(self._mine)
                                 .order_by(orders.c.created_at.desc(),
                                           orders.c.client_order_id.desc()).limit(limit))
-            return [_order(r) for r in rows]
+            return [_order(self.name, r) for r in rows]
 
+    @_translated
     def order(self, client_order_id: str) -> OrderRow | None:
+        """The order of that id, of any account (ids are derived from the account)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(orders).where(
                 orders.c.client_order_id == client_order_id)).first()
-            return _order(row) if row is not None else None
+            return _order(self.name, row) if row is not None else None
 
+    @_translated
     def positions(self) -> dict[str, PositionRow]:
         """Every position of the account by symbol, flat ones included."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(positions).where(positions.c.account == self.account))
             return {r.symbol: _position(r) for r in rows}
 
+    @_translated
     def waiting_intents(self) -> list[OrderIntent]:
         """Intents that arrived before the halt state was known, in arrival order."""
         with self.engine.connect() as conn:
@@ -164,6 +197,7 @@ class ExecutionStore:
                 .order_by(intents.c.id))
             return [OrderIntent.model_validate_json(r.data) for r in rows]
 
+    @_translated
     def undelivered(self, limit: int = 1000) -> list[Pending]:
         """Trade events the trade logger has not confirmed yet, oldest first."""
         with self.engine.connect() as conn:
@@ -172,20 +206,15 @@ class ExecutionStore:
                 .order_by(outbox.c.id).limit(limit))
             return [Pending(r.event_id, r.source, r.data) for r in rows]
 
+    @_translated
     def has_event(self, source: str, event_id: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(outbox.c.id).where(
                 outbox.c.account == self.account, outbox.c.source == source,
                 outbox.c.event_id == event_id)).first() is not None
 
-    def outbox_counts(self) -> tuple[int, int]:
-        """(events in the outbox, events of them not confirmed yet)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(outbox.c.delivered).where(
-                outbox.c.account == self.account)).all()
-        return len(rows), sum(1 for r in rows if not r.delivered)
-
     # -- writing ----------------------------------------------------------------------------
+    @_translated
     def commit(self, change: Change) -> bool:
         """Write `change` whole, in one transaction: its intent with the outcome, the orders
         it makes (inserted) and changes (updated), the positions, and the trade events into
@@ -197,7 +226,7 @@ class ExecutionStore:
                 return False
             made, saved = [], []
             for order in change.orders.values():
-                values = _order_values(order)
+                values = _order_values(self.account, order)
                 if order.client_order_id in change.made:
                     made.append(values)
                 else:
@@ -212,15 +241,6 @@ class ExecutionStore:
             if change.events:
                 conn.execute(insert(outbox), [self._event_row(e) for e in change.events])
         return True
-
-    def record_intent(self, intent: OrderIntent, status: str, reason: str,
-                      new_orders: Sequence[OrderRow] = ()) -> bool:
-        """`commit` of an intent and the orders it made, and nothing else (how tests set up a
-        box that a crash left behind)."""
-        change = Change(intent=intent, outcome=status, reason=reason)
-        for order in new_orders:
-            change.put(order, new=True)
-        return self.commit(change)
 
     def _record_intent(self, conn: Connection, intent: OrderIntent, status: str,
                        reason: str) -> bool:
@@ -247,6 +267,7 @@ class ExecutionStore:
             conn.execute(insert(positions), {"account": self.account,
                                              "symbol": position.symbol, **values})
 
+    @_translated
     def add_event(self, event: TradeEvent) -> bool:
         """Put an event without an order (the paper deposit) in the outbox; False when one of
         the same id is there already."""
@@ -264,6 +285,7 @@ class ExecutionStore:
                 "delivered": False, "outcome": None, "created_at": utcnow(),
                 "delivered_at": None}
 
+    @_translated
     def mark_delivered(self, outcomes: dict[tuple[str, str], str]) -> int:
         """Mark events confirmed by the trade logger ((source, event_id) → outcome); returns
         how many were still undelivered."""
