@@ -242,3 +242,17 @@ async def pump(runners: list[Runner]) -> None:
                 moved = True
         if not moved:
             return
+
+
+def account_rows(url: str, table: Any, account: str) -> list[Any]:
+    """The rows of one account in a table of the database at `url`."""
+    from sqlalchemy import select
+
+    from appliance import db
+
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(table).where(table.c.account == account)))
+    finally:
+        engine.dispose()

@@ -234,6 +234,7 @@ async def test_first_bar_of_a_feed_is_warmed_up_from_market() -> None:
         await publish_bar(watch, bar(0, 200.0))
         await publish_bar(watch, bar(1, 201.0))
         await alpha.handle(await alpha.bus.receive(100, timeout=1))
+        await asyncio.gather(*alpha.service.tasks)  # type: ignore[attr-defined]
     finally:
         market.stopping.set()
         await serving
@@ -257,8 +258,27 @@ async def test_without_market_the_stream_is_used_and_said_once(caplog: pytest.Lo
         for i in range(3):
             await publish_bar(watch, bar(i, 100.0))
         await alpha.handle(await alpha.bus.receive(100, timeout=1))
+        await asyncio.gather(*alpha.service.tasks)  # type: ignore[attr-defined]
     assert len(await watch.receive(10, 0.1)) == 3
     assert [r.message for r in caplog.records] == ["no warm-up from market; starting from the stream"]
+
+
+async def test_a_command_is_answered_while_a_warm_up_waits_for_market() -> None:
+    """Asking market for a feed's earlier bars runs beside the receive loop: a silent market
+    holds up neither commands nor the order of that feed's bars."""
+    broker = MemoryBroker()
+    alpha = await wire(broker, AlphaService, warmup_timeout_s=30)
+    watch = await watcher(broker, str(registry.ALPHA_SIGNALS.filter()))
+    for i in range(3):
+        await publish_bar(watch, bar(i, 100.0 + i))
+    await alpha.handle(await alpha.bus.receive(100, timeout=1))
+    asking = asyncio.create_task(watch.request("alpha", "ping", timeout=5))
+    await asyncio.sleep(0)  # the request is published before the loop below reads it
+    await alpha.handle(await alpha.bus.receive(100, timeout=1))
+    assert (await asking).ok
+    assert alpha.service.warming  # type: ignore[attr-defined]
+    for task in alpha.service.tasks:  # type: ignore[attr-defined]
+        task.cancel()
 
 
 async def test_a_bar_on_another_feed_topic_is_a_dead_letter() -> None:

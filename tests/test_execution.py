@@ -29,7 +29,7 @@ from appliance.bus.trading import Bar, Order, OrderIntent, Positions
 from appliance.ledger import Ledger, Signer
 from modules.trading.execution.orders import client_order_id
 from modules.trading.execution.store import intents, orders, outbox, positions
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import Collector, ServiceProcess, TestBroker, account_rows
 
 NAME = "execution"
 EXCHANGE = "sim"
@@ -193,12 +193,7 @@ class Desk:
         return client_order_id(self.account, key or f"{self.account}-{n}")
 
     def rows(self, table: Any) -> list[Any]:
-        engine = db.make_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(select(table).where(table.c.account == self.account)))
-        finally:
-            engine.dispose()
+        return account_rows(self.url, table, self.account)
 
     async def request(self, command: str, **args: Any) -> Any:
         assert self.tester
@@ -546,12 +541,7 @@ class MemoryDesk:
         return await self.watch.receive(1000, timeout=0.05)
 
     def rows(self, table: Any) -> list[Any]:
-        engine = db.make_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(select(table).where(table.c.account == self.account)))
-        finally:
-            engine.dispose()
+        return account_rows(self.url, table, self.account)
 
 
 @asynccontextmanager

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from appliance import db
 from appliance.bus import registry
@@ -26,7 +25,7 @@ from appliance.security.secrets import write_secret
 from modules.trading.execution.orders import Change, OrderRow, PositionRow, client_order_id
 from modules.trading.execution.store import ExecutionStore, intents, orders, outbox, positions
 from tests.fake_exchange import API_KEY, SECRET, FakeExchange, fake_exchange_fixture  # noqa: F401
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import Collector, ServiceProcess, TestBroker, account_rows
 
 NAME = "execution"
 BTC = "BTC/USDT"
@@ -162,12 +161,7 @@ class LiveDesk:
             return sum(1 for o in self.fake.orders if o.client_order_id == coid)
 
     def rows(self, table: Any) -> list[Any]:
-        engine = db.make_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(select(table).where(table.c.account == self.account)))
-        finally:
-            engine.dispose()
+        return account_rows(self.url, table, self.account)
 
     def kill(self) -> None:
         assert self.proc

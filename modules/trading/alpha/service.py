@@ -10,6 +10,7 @@ stream to fill their windows; a redelivered or older bar is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -110,26 +111,65 @@ class AlphaService(Service):
             (config.build(), frozenset(slug(s) for s in config.symbols))
             for config in self.config.models]
         self.feeds: dict[tuple[str, str, str], FeedHistory] = {}
+        # Feeds whose earlier bars are being asked for: the bars that came meanwhile, in
+        # order. The request runs beside the receive loop, so commands and other feeds are
+        # not held up while the market service takes its time (or is down).
+        self.warming: dict[tuple[str, str, str], list[Bar]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
         self.published = 0
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
     @subscribe(registry.MARKET_BAR)
     async def on_bar(self, msg: Received) -> None:
         bar: Bar = msg.data
         check_feed(msg.params, bar)
+        waiting = self.warming.get(bar.feed)
         history = self.feeds.get(bar.feed)
+        if waiting is not None:
+            if bar.ts > waiting[-1].ts:
+                waiting.append(bar)
+            return
+        if history is None and self.config.warmup_from_market:
+            self.warming[bar.feed] = [bar]
+            task = asyncio.create_task(self._warm_up(bar), name=f"warm-up {bar.feed}")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
         if history is None:
             history = self.feeds[bar.feed] = FeedHistory(self.config.history_bars)
-            if self.config.warmup_from_market:
-                for old in await self.earlier_bars(bar):
-                    history.append(old)
         elif history.last_ts is not None and bar.ts <= history.last_ts:
             log.debug("bar not newer than the last one; ignored",
                       extra={"feed": list(bar.feed), "ts": bar.ts.isoformat()})
             return
+        await self._publish(bar, history)
+
+    async def _publish(self, bar: Bar, history: FeedHistory) -> None:
         history.append(bar)
         await self.bus.send(registry.ALPHA_SIGNALS, self.signals(bar, history),
                             exchange=bar.exchange, symbol=bar.symbol, timeframe=bar.timeframe)
         self.published += 1
+
+    async def _warm_up(self, first: Bar) -> None:
+        """Fill the feed's history from the market service, then publish the signals of the
+        bars that came meanwhile, in order; the feed is handled as usual afterwards."""
+        history = FeedHistory(self.config.history_bars)
+        try:
+            for old in await self.earlier_bars(first):
+                history.append(old)
+            waiting = self.warming[first.feed]
+            done = 0
+            while done < len(waiting):  # bars may still come while these are sent
+                await self._publish(waiting[done], history)
+                done += 1
+            self.feeds[first.feed] = history
+        except Exception:  # noqa: BLE001 - the feed must not stay stuck in warm-up
+            log.exception("warm-up failed", extra={"feed": list(first.feed)})
+            self.feeds.setdefault(first.feed, history)
+        finally:
+            self.warming.pop(first.feed, None)
 
     def signals(self, bar: Bar, history: FeedHistory) -> Signals:
         """The signal of every model covering the bar's symbol, after `history` (which ends

@@ -21,7 +21,7 @@ from appliance.bus.trading import TIMEFRAMES, Bar
 from appliance.errors import ConfigError, TemporaryError
 from modules.trading.exchange import Candle, Exchange, RateLimited, UnknownExchange
 from modules.trading.market.clock import Clock, bar_open
-from modules.trading.market.feed import FeedKey, Publish, utc_ms
+from modules.trading.market.feed import FeedKey, Publish, configured_feeds, utc_ms
 from modules.trading.market.settings import MarketSettings
 
 log = logging.getLogger("circles.market")
@@ -37,8 +37,7 @@ class ExchangeSource:
     def __init__(self, settings: MarketSettings, clock: Clock) -> None:
         self.settings = settings
         self.clock = clock
-        self.feeds: list[FeedKey] = [(settings.feed_exchange, s, t)
-                                     for s in settings.symbols for t in settings.timeframes]
+        self.feeds: list[FeedKey] = configured_feeds(settings)
         self.exchange: Exchange | None = None
         self.last_ms: dict[FeedKey, int] = {}  # open time of the last closed bar handed on
         self.problems: dict[FeedKey, str] = {}

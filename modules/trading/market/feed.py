@@ -6,11 +6,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.bus.trading import TIMEFRAMES, Bar, FeedState
 
+if TYPE_CHECKING:
+    from modules.trading.market.settings import MarketSettings
+
 FeedKey = tuple[str, str, str]  # exchange, symbol, timeframe — as Bar.feed
+
+
+def configured_feeds(settings: MarketSettings) -> list[FeedKey]:
+    """Every (symbol, timeframe) of the settings, on the feeds' exchange."""
+    return [(settings.feed_exchange, s, t) for s in settings.symbols for t in settings.timeframes]
 Publish = Callable[[Bar], Awaitable[None]]
 
 

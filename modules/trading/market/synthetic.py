@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from appliance.bus.trading import TIMEFRAMES, Bar
 from modules.trading.market.clock import Clock, bar_open
-from modules.trading.market.feed import FeedKey, Publish
+from modules.trading.market.feed import FeedKey, Publish, configured_feeds
 from modules.trading.market.settings import MarketSettings, SyntheticSettings
 
 
@@ -63,8 +63,7 @@ class SyntheticSource:
     def __init__(self, settings: MarketSettings, clock: Clock) -> None:
         self.settings = settings
         self.clock = clock
-        self.feeds: list[FeedKey] = [(settings.feed_exchange, s, t)
-                                     for s in settings.symbols for t in settings.timeframes]
+        self.feeds: list[FeedKey] = configured_feeds(settings)
         self.walks: dict[FeedKey, SyntheticWalk] = {}
 
     async def open(self) -> None:

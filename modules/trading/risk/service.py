@@ -194,27 +194,27 @@ class RiskService(Service):
 
     @subscribe(registry.TRADE_METRICS)
     async def on_metrics(self, msg: Received) -> None:
-        metrics: TradeMetrics | None = msg.data
-        if metrics is None:
-            return  # the retained metrics were deleted: the last figures known stand
-        account = msg.params["account"]
-        if slug(metrics.account) != account:
-            raise ValidationFailed(f"account {metrics.account!r} is not the topic's ({account!r})")
-        if self._watches(account):
-            self.book.on_metrics(account, metrics.metrics)
+        if account := self._account_of(msg):
+            self.book.on_metrics(account, msg.data.metrics)
             await self.assess()
 
     @subscribe(registry.POSITIONS)
     async def on_positions(self, msg: Received) -> None:
-        positions: Positions | None = msg.data
-        if positions is None:
-            return  # the retained positions were deleted: the last ones known stand
-        account = msg.params["account"]
-        if slug(positions.account) != account:
-            raise ValidationFailed(f"account {positions.account!r} is not the topic's ({account!r})")
-        if self._watches(account):
-            self.book.on_positions(account, positions.positions)
+        if account := self._account_of(msg):
+            self.book.on_positions(account, msg.data.positions)
             await self.assess()
+
+    def _account_of(self, msg: Received) -> str | None:
+        """The watched account a retained per-account state is of, or None to ignore it (a
+        deleted state leaves the last one known standing). ValidationFailed when the payload
+        names another account than its topic."""
+        state: TradeMetrics | Positions | None = msg.data
+        if state is None:
+            return None
+        account = msg.params["account"]
+        if slug(state.account) != account:
+            raise ValidationFailed(f"account {state.account!r} is not the topic's ({account!r})")
+        return account if self._watches(account) else None
 
     @subscribe(registry.ORDER_UPDATE)
     async def on_order(self, msg: Received) -> None:
