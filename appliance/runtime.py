@@ -29,6 +29,7 @@ from appliance.bus.payloads import CommandReply, CommandRequest
 from appliance.bus.topics import Filter, TopicSpec
 from appliance.config import CoreSettings, Section, load, section_name, settings_class
 from appliance.errors import CirclesError, ConfigError, TemporaryError, ValidationFailed
+from appliance.ha_discovery import Announcer, Entity
 from appliance.logging import request_id
 from appliance.security.secrets import read_secret
 
@@ -106,6 +107,11 @@ class Service:
     def status_text(self) -> str:
         return "running"
 
+    def entities(self) -> list[Entity]:
+        """The Home Assistant entities this service announces (after `start`). A service that
+        lists any is announced once online and again when Home Assistant comes online."""
+        return []
+
     def topic_values(self) -> dict[str, str]:
         """Topic levels fixed by the settings (an `account`): every subscription whose
         template has such a level is narrowed to it, unless its `@subscribe` names one."""
@@ -141,6 +147,21 @@ class Runner:
             values = {k: v for k, v in fixed.items() if k in spec.params} | params
             self.routes.append((spec.filter(**values), spec, batch, getattr(service, attr)))
         self._routed: dict[str, tuple[TopicSpec, bool, Any] | None] = {}  # topic → route
+        self.announcer: Announcer | None = None
+        if type(service).entities is not Service.entities:
+            self.announcer = Announcer(bus, service.name, service.settings.state_dir
+                                       / service.name / "discovery.json")
+            self.routes.append((registry.HA_STATUS.filter(), registry.HA_STATUS, False,
+                                self._ha_status))
+
+    async def announce(self) -> None:
+        if self.announcer is not None:
+            await self.announcer.announce(self.service.entities())
+
+    async def _ha_status(self, msg: Received) -> None:
+        # The retained `online` met at subscribing needs nothing: the start announced.
+        if msg.data is not None and msg.data.strip() == "online" and not msg.message.retain:
+            await self.announce()
 
     def filters(self) -> list[tuple[Filter, int]]:
         return [(flt, spec.qos) for flt, spec, _, _ in self.routes]
@@ -294,14 +315,18 @@ def address_for(settings: CoreSettings, name: str) -> BrokerAddress:
                          bus.reconnect_max_s)
 
 
-async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) -> None:
-    """Run a service on a bus until SIGTERM/SIGINT."""
+async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus,
+                stop: asyncio.Event | None = None) -> None:
+    """Run a service on a bus until `stop` is set, by default until SIGTERM/SIGINT."""
     service = service_cls(settings, bus)
     runner = Runner(service, bus, batch_max=settings.bus.batch_max,
                     watchdog_s=watchdog_interval())
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, runner.stopping.set)
+    if stop is not None:
+        runner.stopping = stop
+    else:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, runner.stopping.set)
     notify("STATUS=connecting to the broker")
     connecting = asyncio.create_task(bus.connect())
     stop_wait = asyncio.create_task(runner.stopping.wait())
@@ -315,6 +340,7 @@ async def serve(service_cls: type[Service], settings: CoreSettings, bus: Bus) ->
     await service.start()
     await bus.subscribe(runner.filters())
     await bus.announce_online()
+    await runner.announce()
     notify(f"READY=1\nSTATUS={service.status_text()}")
     log.info("service ready", extra={"subscriptions": [str(f) for f, _ in runner.filters()]})
 

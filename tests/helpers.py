@@ -10,16 +10,17 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.bus import BrokerAddress, Filter, MemoryBroker, MemoryBus, Message, MqttBus
+from appliance.bus import BrokerAddress, Filter, MemoryBroker, MemoryBus, Message, MqttBus, registry
 from appliance.bus.admin import BrokerAdmin
-from appliance.config import settings_class
+from appliance.config import section_name, settings_class
 from appliance.errors import AuthError
-from appliance.runtime import Runner, Service
+from appliance.runtime import Runner, Service, serve
 from appliance.security.secrets import ensure_secret, read_secret
 from appliance.supervisor import Broker, free_port
 
@@ -190,6 +191,30 @@ class ServiceProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def serving(broker: TestBroker, service_cls: type[Service], state: Path,
+                  **config: Any) -> AsyncIterator[None]:
+    """A service in this process on the real broker, run by `serve()` as `circles run` runs
+    it, with `config` as its settings section, until the block ends; it is online on entry."""
+    name = service_cls.name
+    settings = settings_class({name: service_cls.Settings})(
+        state_dir=state, **{section_name(name): service_cls.Settings(**config)})
+    bus = MqttBus(name, broker.address(name), client_id=f"{name}-{uuid.uuid4().hex[:8]}")
+    online = await Collector.start(broker, str(registry.SERVICE_STATUS.topic(service=name)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(service_cls, settings, bus, stop))
+    try:
+        await online.wait(lambda ms: task.done() or any(
+            m.payload == b"online" and m.sender == name for m in ms), 15, f"{name} online")
+        if task.done():
+            task.result()  # raises what stopped it
+        yield
+    finally:
+        await online.close()
+        stop.set()
+        await task
 
 
 async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:

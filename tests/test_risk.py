@@ -32,7 +32,7 @@ from tests.helpers import Collector, ServiceProcess, TestBroker, circles, unique
 
 HALT = str(registry.TRADING_HALT.topic())
 RISK_STATE = str(registry.RISK_STATE.topic())
-SWITCH_CONFIG = str(registry.HA_DISCOVERY.topic(**discovery.topic_params()))
+SWITCH_CONFIG = discovery.entities()[0].topic()
 SWITCH_CMD = str(registry.HA_CMD.topic(command=discovery.HA_COMMAND))
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -573,7 +573,7 @@ async def test_home_assistant_switch(risk: Risk) -> None:
                                     "the discovery config")
     config = json.loads(configs[-1].payload)
     assert config["command_topic"] == SWITCH_CMD and config["state_topic"] == HALT
-    assert config["availability_topic"] == str(registry.SERVICE_STATUS.topic(service="risk"))
+    assert config["availability"][0]["topic"] == str(registry.SERVICE_STATUS.topic(service="risk"))
     assert config["unique_id"] == "circles_trading_halt" and config["device"]["identifiers"]
     assert "value_json.halted" in config["value_template"]
 

@@ -18,8 +18,9 @@ from appliance.bus.message import Received
 from appliance.bus.payloads import CommandRequest, HealthState, ServiceState, utcnow
 from appliance.config import Section
 from appliance.errors import ValidationFailed
+from appliance.ha_discovery import Entity
 from appliance.runtime import Service, subscribe
-from modules.health import probes
+from modules.health import discovery, probes
 
 
 class HealthSettings(Section):
@@ -61,6 +62,9 @@ class HealthService(Service):
     async def cmd_state(self, request: CommandRequest) -> dict[str, Any]:
         """The current state, sampled now."""
         return (await self.publish_state()).model_dump()
+
+    def entities(self) -> list[Entity]:
+        return discovery.entities()
 
     def status_text(self) -> str:
         online = sum(s.online for s in self.services.values())

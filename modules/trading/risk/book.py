@@ -254,6 +254,13 @@ class RiskBook:
             return None
         return (acc.day_start_pnl - pnl) / acc.day_start_equity * 100
 
+    def pnl_today(self, acc: Account) -> float | None:
+        """Trading PnL since the day's start (closed and open), in the account's currency."""
+        pnl = acc.pnl()
+        if pnl is None or acc.day_start_pnl is None:
+            return None
+        return pnl - acc.day_start_pnl
+
     def drawdown_pct(self, acc: Account) -> float | None:
         value = acc.marked()
         if value is None or acc.peak is None or acc.peak <= 0:
@@ -279,7 +286,7 @@ class RiskBook:
     def assess(self, now: datetime) -> Assessment:
         """Every figure against its limit, and the breaches, worst account first."""
         cfg = self.limits
-        figures: dict[str, float | None] = {}
+        figures: dict[str, float | None] = {"pnl_today": None}  # summed over the accounts
         breaches: list[Breach] = []
         worst = _Worst()
 
@@ -288,6 +295,10 @@ class RiskBook:
             where = f", account {name}"
             value = acc.marked()
             figures[f"equity.{name}"] = value
+            today = self.pnl_today(acc)
+            figures[f"pnl_today.{name}"] = today
+            if today is not None:
+                figures["pnl_today"] = (figures.get("pnl_today") or 0.0) + today
             loss = self.daily_loss_pct(acc)
             worst.keep("daily_loss_pct", loss)
             if cfg.max_daily_loss_pct is not None and loss is not None \

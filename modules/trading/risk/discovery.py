@@ -1,60 +1,32 @@
-"""Home Assistant discovery of the trading-halt switch.
-
-The switch's state is the retained halt itself (ON = halted), its commands go to Home
-Assistant's own command topic, and it is available while the risk service is online.
-"""
+"""What the risk service shows in Home Assistant: the trading halt as a switch (ON = halted,
+its commands through Home Assistant's own command topic) and as a binary sensor, and
+today's PnL."""
 
 from __future__ import annotations
 
-import json
-from typing import TypedDict
-
 from appliance.bus import registry
+from appliance.ha_discovery import APPLIANCE_ID, Entity
 
-DEVICE = "circles"
-OBJECT = "trading_halt"
 HA_COMMAND = "trading_halt"  # circles/ha/cmd/trading_halt
 ON, OFF = "ON", "OFF"
+HALTED = "{{ 'ON' if value_json.halted else 'OFF' }}"
 
 
-class TopicParams(TypedDict):
-    """The levels of HA_DISCOVERY's topic: typed, so that `send(..., **topic_params())`
-    cannot pass anything but topic levels (a plain dict[str, str] could be `wait`)."""
-
-    component: str
-    device: str
-    object: str
-
-
-def topic_params() -> TopicParams:
-    """The HA_DISCOVERY parameters of the switch's config topic."""
-    return {"component": "switch", "device": DEVICE, "object": OBJECT}
-
-
-def halt_switch(service: str) -> str:
-    """The retained discovery config (JSON) of the switch, announced by `service`."""
-    config = {
-        "name": "Trading halt",
-        "unique_id": f"{DEVICE}_{OBJECT}",
-        "object_id": f"{DEVICE}_{OBJECT}",
-        "icon": "mdi:hand-back-left",
-        "command_topic": str(registry.HA_CMD.topic(command=HA_COMMAND)),
-        "payload_on": ON,
-        "payload_off": OFF,
-        "state_topic": str(registry.TRADING_HALT.topic()),
-        "value_template": "{{ 'ON' if value_json.halted else 'OFF' }}",
-        "state_on": ON,
-        "state_off": OFF,
-        "availability_topic": str(registry.SERVICE_STATUS.topic(service=service)),
-        "payload_available": "online",
-        "payload_not_available": "offline",
-        "qos": registry.HA_CMD.qos,
-        "retain": False,
-        "device": {
-            "identifiers": [DEVICE],
-            "name": "Circles",
-            "manufacturer": "Circles",
-            "model": "home-server appliance",
-        },
-    }
-    return json.dumps(config, separators=(",", ":"))
+def entities() -> list[Entity]:
+    halt = str(registry.TRADING_HALT.topic())
+    return [
+        Entity("switch", APPLIANCE_ID, "trading_halt", "Trading halt", {
+            "icon": "mdi:hand-back-left",
+            "command_topic": str(registry.HA_CMD.topic(command=HA_COMMAND)),
+            "payload_on": ON, "payload_off": OFF, "state_topic": halt,
+            "value_template": HALTED, "state_on": ON, "state_off": OFF,
+            "qos": registry.HA_CMD.qos, "retain": False}),
+        Entity("binary_sensor", APPLIANCE_ID, "trading_halted", "Trading halted", {
+            "state_topic": halt, "value_template": HALTED, "payload_on": ON,
+            "payload_off": OFF, "device_class": "problem"}),
+        Entity("sensor", APPLIANCE_ID, "pnl_today", "Today's PnL", {
+            "state_topic": str(registry.RISK_STATE.topic()),
+            # "None" (no PnL known yet) is Home Assistant's word for unknown.
+            "value_template": "{{ value_json.figures.pnl_today }}",
+            "state_class": "measurement", "icon": "mdi:cash"}),
+    ]

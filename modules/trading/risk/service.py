@@ -28,6 +28,7 @@ from appliance.bus.trade_event import TradeMetrics
 from appliance.bus.trading import FeedState, Order, Positions, RiskState
 from appliance.errors import OperationalError, TemporaryError, ValidationFailed
 from appliance.files import write_atomically
+from appliance.ha_discovery import Entity
 from appliance.runtime import Service, subscribe
 from appliance.security import audit
 from modules.trading.risk import discovery
@@ -114,7 +115,6 @@ class RiskService(Service):
                                                                  "error": str(exc)})
 
     async def run(self) -> None:
-        await self.announce()
         try:
             await asyncio.wait_for(self._restored.wait(), self.config.start_wait_s)
         except TimeoutError:
@@ -158,9 +158,8 @@ class RiskService(Service):
             if chosen != self._saved_halt:
                 await self._keep()
 
-    async def announce(self) -> None:
-        await self.bus.send(registry.HA_DISCOVERY, discovery.halt_switch(self.name),
-                            **discovery.topic_params())
+    def entities(self) -> list[Entity]:
+        return discovery.entities()
 
     async def stop(self) -> None:
         if self._dirty:
@@ -236,11 +235,6 @@ class RiskService(Service):
             return  # the retained health state was deleted: the last one known stands
         self.book.on_health(health)
         await self.assess()
-
-    @subscribe(registry.HA_STATUS)
-    async def on_ha_status(self, msg: Received) -> None:
-        if msg.data is not None and msg.data.strip() == "online":
-            await self.announce()
 
     @subscribe(registry.HA_CMD, command=discovery.HA_COMMAND)
     async def on_ha_switch(self, msg: Received) -> None:
