@@ -4,11 +4,13 @@ A service lists its entities (`Service.entities()`); the runtime announces them 
 configs under `homeassistant/<component>/<device>/<object>/config` once the service is online,
 again whenever Home Assistant says `online` on `homeassistant/status`, and sends an empty
 retained config for each entity announced before but no longer listed, so Home Assistant
-deletes it. What was announced is remembered in `<state>/<service>/discovery.json`.
+deletes it, with the retained topics the entity owned (its state, its device's status).
+What was announced is remembered in `<state>/<service>/discovery.json`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,7 +45,8 @@ VALUE = "{{ value_json.value }}"  # reads `HomeState.value`
 @dataclass(frozen=True)
 class Entity:
     """One Home Assistant entity. `device` and `object` are topic levels (slugs) and make
-    the stable `unique_id`; `config` holds the component's own keys (topics, units, classes)."""
+    the stable `unique_id`; `config` holds the component's own keys (topics, units, classes).
+    `owned` are retained topics that go with the entity when it is removed."""
 
     component: str
     device: str
@@ -52,6 +55,7 @@ class Entity:
     config: dict[str, Any] = field(default_factory=dict)
     device_info: dict[str, Any] = field(default_factory=lambda: dict(APPLIANCE))
     availability: tuple[str, ...] = ()
+    owned: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.component not in REQUIRED:
@@ -62,7 +66,7 @@ class Entity:
 
     @property
     def unique_id(self) -> str:
-        return f"{self.device}_{self.object}".replace("-", "_")
+        return f"{self.device}.{self.object}"  # '.' is in no slug: no two entities share one
 
     def topic(self) -> str:
         return str(registry.HA_DISCOVERY.topic(component=self.component, device=self.device,
@@ -75,7 +79,7 @@ class Entity:
         doc = {
             "name": self.name,
             "unique_id": self.unique_id,
-            "object_id": self.unique_id,
+            "default_entity_id": f"{self.component}.{self.device}_{self.object}".replace("-", "_"),
             **self.config,
             "availability": [{"topic": t, "payload_available": ONLINE,
                               "payload_not_available": OFFLINE} for t in topics],
@@ -93,29 +97,37 @@ class Announcer:
         self.service = service
         self.state_file = state_file
 
-    def _previous(self) -> set[str]:
+    def _previous(self) -> dict[str, list[str]]:
         try:
-            return set(json.loads(self.state_file.read_text()))
+            kept = json.loads(self.state_file.read_text())
+            return {str(k): [str(t) for t in v] for k, v in dict(kept).items()}
         except FileNotFoundError:
-            return set()
-        except (OSError, ValueError) as exc:
+            return {}
+        except (OSError, ValueError, TypeError) as exc:
             log.warning("announced entities unreadable; none removed", extra={"error": str(exc)})
-            return set()
+            return {}
+
+    def _keep(self, current: dict[str, list[str]]) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(current, indent=1, sort_keys=True).encode()
+        write_atomically(self.state_file, lambda out: out.write(data))
 
     async def announce(self, entities: list[Entity]) -> None:
         """Send every config (retained, acknowledged) and remove those no longer listed."""
-        current = {e.topic(): e for e in entities}
+        current = {e.topic(): sorted(e.owned) for e in entities}
         if len(current) != len(entities):
             raise ValueError("two entities share a discovery topic")
-        for topic, entity in current.items():
-            await self.bus.publish(topic, entity.payload(self.service).encode(),
+        for entity in entities:
+            await self.bus.publish(entity.topic(), entity.payload(self.service).encode(),
                                    qos=registry.HA_DISCOVERY.qos, retain=True, wait=True)
-        gone = sorted(self._previous() - set(current))
-        for topic in gone:
+        previous = await asyncio.to_thread(self._previous)
+        gone = sorted(set(previous) - set(current))
+        still = {t for owned in current.values() for t in owned}
+        orphans = sorted({t for topic in gone for t in previous[topic]} - still)
+        for topic in [*gone, *orphans]:
             await self.bus.publish(topic, b"", qos=registry.HA_DISCOVERY.qos, retain=True,
                                    wait=True)
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(sorted(current), indent=1).encode()
-        write_atomically(self.state_file, lambda out: out.write(data))
+        if current != previous:
+            await asyncio.to_thread(self._keep, current)
         log.info("Home Assistant discovery sent",
                  extra={"entities": len(current), "removed": gone})

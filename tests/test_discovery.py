@@ -67,12 +67,15 @@ async def test_the_appliance_announces_its_entities_retained_and_again_when_aske
 
 async def test_an_entity_no_longer_listed_is_removed_once(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    watch = await watcher(broker, "homeassistant/#")
+    watch = await watcher(broker, "homeassistant/#", "circles/home/#")
     bus = MemoryBus("svc", broker, status=False)
     await bus.connect()
     state = tmp_path / "svc" / "discovery.json"
     a = Entity("sensor", "box", "a", "A", {"state_topic": "circles/home/box/a/state"})
-    b = Entity("binary_sensor", "box", "b", "B", {"state_topic": "circles/home/box/b/state"})
+    b = Entity("binary_sensor", "box", "b", "B", {"state_topic": "circles/home/box/b/state"},
+               owned=("circles/home/box/b/state", "circles/home/box/status"))
+    a = Entity(a.component, a.device, a.object, a.name, a.config,
+               owned=("circles/home/box/a/state", "circles/home/box/status"))
 
     await Announcer(bus, "svc", state).announce([a, b])
     first = await watch.receive(10, timeout=1)
@@ -81,8 +84,10 @@ async def test_an_entity_no_longer_listed_is_removed_once(tmp_path: Path) -> Non
 
     await Announcer(bus, "svc", state).announce([a])  # b was taken out of the config
     second = await watch.receive(10, timeout=1)
-    assert [(m.topic, m.payload) for m in second if not m.payload] == [(b.topic(), b"")]
-    assert json.loads(state.read_text()) == [a.topic()]
+    # Its config and its state go; the device's status stays, a still owns it.
+    assert [m.topic for m in second if not m.payload] == [b.topic(), "circles/home/box/b/state"]
+    assert json.loads(state.read_text()) == {
+        a.topic(): ["circles/home/box/a/state", "circles/home/box/status"]}
 
     await Announcer(bus, "svc", state).announce([a])
     third = await watch.receive(10, timeout=1)

@@ -175,7 +175,7 @@ def check_discovery(doc: dict[str, Any], device: str, entity: str) -> None:
     expected["availability"] = [{"topic": str(registry.HOME_STATUS.topic(device=device)),
                                  "payload_available": "online", "payload_not_available": "offline"}]
     assert doc == expected
-    assert doc["unique_id"] == f"{device}_{entity}".replace("-", "_")
+    assert doc["unique_id"] == f"{device}.{entity}"
     block = doc["device"]
     assert block["identifiers"] == [f"circles-{device}"] and block["name"] == device
     assert (block["manufacturer"], block["model"], block["via_device"]) == (

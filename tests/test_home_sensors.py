@@ -13,14 +13,16 @@ import pytest
 from gpiozero import Device as GpioDevice
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockSPIDevice, MockTriggerPin
 
-from appliance.bus import registry
+from appliance.bus import Message, registry
 from appliance.bus.payloads import DeadLetter, HomeState
 from appliance.ha_discovery import IDENTITY, REQUIRED
 from modules.home_sensors.history import History
 from modules.home_sensors.service import HomeSensorsService
-from modules.home_sensors.settings import HomeSensorsSettings
-from tests.helpers import Collector, ServiceProcess, TestBroker, serving
+from modules.home_sensors.settings import HomeSensorsSettings, demo_devices
+from tests.helpers import Collector, ServiceProcess, TestBroker, circles, serving
 
+# DistanceSensor warns that mock pins time echoes less precisely than pigpio would.
+pytestmark = pytest.mark.filterwarnings("ignore::gpiozero.PWMSoftwareFallback")
 W1_ID = "28-00000a1b2c3d"
 SERVICE = "home-sensors"
 
@@ -91,9 +93,10 @@ def hardware(tmp_path: Path) -> dict[str, Any]:
     thermal.write_text("51234\n")
     return {"hardware": "gpio", "w1_path": w1, "thermal_file": thermal, "interval_s": 1.0,
             "devices": [
+                # Read periodically only once an hour: their changes must come by themselves.
                 {"name": "front-door", "kind": "contact", "pin": 17, "bounce_s": 0,
-                 "device_class": "door", "room": "Hall"},
-                {"name": "hall-motion", "kind": "motion", "pin": 4},
+                 "device_class": "door", "room": "Hall", "interval_s": 3600},
+                {"name": "hall-motion", "kind": "motion", "pin": 4, "interval_s": 3600},
                 {"name": "living-room", "kind": "ds18b20"},
                 {"name": "garden-light", "kind": "mcp3008", "channel": 2, "entity": "light"},
                 {"name": "water-tank", "kind": "ultrasonic", "echo": 24, "trigger": 23},
@@ -210,14 +213,19 @@ async def test_a_probe_that_fails_makes_its_device_unavailable(
         assert watch.on(status)[-1].payload == b"online"
 
 
+def live_config(message: Message) -> bool:
+    """A discovery config published now by the service (not one retained from before)."""
+    return message.topic.startswith("homeassistant/") and bool(message.payload) \
+        and message.sender == SERVICE and not message.retain
+
+
 async def test_discovery_announces_removes_and_answers_home_assistant(
         broker: TestBroker, pins: MockFactory, watch: Collector, tmp_path: Path) -> None:
     config = hardware(tmp_path)
     async with serving(broker, HomeSensorsService, tmp_path, **config):
         configs = await watch.wait(
-            lambda ms: [m for m in ms if m.topic.startswith("homeassistant/") and m.payload
-                        and m.sender == SERVICE] if len({m.topic for m in ms if m.topic.startswith(
-                            "homeassistant/")}) >= 8 else None, 10, "eight configs")
+            lambda ms: [m for m in ms if live_config(m)]
+            if len({m.topic for m in ms if live_config(m)}) >= 8 else None, 10, "eight configs")
         by_topic = {m.topic: m for m in configs}
         for topic, message in by_topic.items():
             component = registry.HA_DISCOVERY.parse(topic)["component"]
@@ -244,14 +252,12 @@ async def test_discovery_announces_removes_and_answers_home_assistant(
             await late.close()
 
         # Home Assistant restarted: it says so, and gets every config again.
-        before = len([m for m in watch.messages if m.topic.startswith("homeassistant/")
-                      and m.sender == SERVICE])
+        before = len([m for m in watch.messages if live_config(m)])
         tester = broker.bus()
         await tester.connect()
         await tester.publish(str(registry.HA_STATUS.topic()), b"online", wait=True)
         await tester.close()
-        await watch.wait(lambda ms: len([m for m in ms if m.topic.startswith("homeassistant/")
-                                         and m.sender == SERVICE]) >= before + 8, 10,
+        await watch.wait(lambda ms: len([m for m in ms if live_config(m)]) >= before + 8, 10,
                          "every config again")
 
     # The motion sensor is taken out of the config: its entity and retained state go.
@@ -287,6 +293,9 @@ async def test_history_keeps_what_the_bus_carried_and_answers_requests(
                 await tester.send(registry.HOME_STATE, state, device=node, entity="temperature",
                                   wait=True)
             await tester.publish(state_topic(node, "temperature"), b"{broken", wait=True)
+            # A node without a set clock sends no time: the reading is stamped on arrival.
+            await tester.publish(state_topic(node, "humidity"), b'{"value": 55}', qos=1,
+                                 retain=True, wait=True)
             reply = None
             for _ in range(50):
                 reply = await tester.request(SERVICE, "history", {
@@ -302,11 +311,19 @@ async def test_history_keeps_what_the_bus_carried_and_answers_requests(
             bad = await tester.request(SERVICE, "history", {"device": node})
             assert not bad.ok and "device and entity" in (bad.error or "")
 
-        # Again after a restart: the retained last reading came back, and was not counted.
+            humidity = await tester.request(SERVICE, "history", {
+                "device": node, "entity": "humidity", "hours": 1, "max_points": 3600})
+            assert [p[4] for p in humidity.result["points"]] == [1]
+
+        # Again after a restart: the retained last readings came back, and were not counted
+        # (the one without a time would be stamped anew).
         async with serving(broker, HomeSensorsService, tmp_path, devices=[]):
             reply = await tester.request(SERVICE, "history", {
                 "device": node, "entity": "temperature", "hours": 1, "max_points": 3600})
             assert reply.ok and len(reply.result["points"]) == 10
+            humidity = await tester.request(SERVICE, "history", {
+                "device": node, "entity": "humidity", "hours": 1, "max_points": 3600})
+            assert [p[4] for p in humidity.result["points"]] == [1]
     finally:
         await tester.close()
 
@@ -359,3 +376,30 @@ async def test_bad_config_stops_the_process_with_78(broker: TestBroker, tmp_path
     proc = ServiceProcess(SERVICE, broker.env(CIRCLES_CONFIG=str(config)), tmp_path)
     assert await asyncio.to_thread(proc.wait, 20) == 78
     assert "home_sensors.devices.0 (door)" in proc.log, proc.log
+
+
+async def test_the_command_line_lists_commands_and_charts(
+        broker: TestBroker, watch: Collector, tmp_path: Path) -> None:
+    async with serving(broker, HomeSensorsService, tmp_path, devices=demo_devices()):
+        env = broker.env()
+        listed = await asyncio.to_thread(circles, env, "home", "devices")
+        assert listed.returncode == 0, listed.stderr
+        lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
+        assert set(lines) == {d.name for d in demo_devices()}
+        assert "online" in lines["hall-light"] and "OFF" in lines["hall-light"]
+
+        sent = await asyncio.to_thread(circles, env, "home", "set", "hall-light", "switch", "on")
+        assert sent.returncode == 0, sent.stderr
+        await value_becomes(watch, "hall-light", "switch", "ON", "the simulated relay on")
+        for _ in range(50):  # the history records what it saw on the bus
+            history = await asyncio.to_thread(circles, env, "home", "history", "hall-light",
+                                              "switch", "--json")
+            assert history.returncode == 0, history.stderr
+            if any(p[2] <= 1.0 <= p[3] for p in json.loads(history.stdout)["points"]):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"ON (1.0) not in the history: {history.stdout}")
+        refused = await asyncio.to_thread(circles, env, "home", "history", "hall-light", "x",
+                                          "--hours", "0")
+        assert refused.returncode == 1 and "home-sensors refused history" in refused.stderr

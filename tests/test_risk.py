@@ -574,7 +574,7 @@ async def test_home_assistant_switch(risk: Risk) -> None:
     config = json.loads(configs[-1].payload)
     assert config["command_topic"] == SWITCH_CMD and config["state_topic"] == HALT
     assert config["availability"][0]["topic"] == str(registry.SERVICE_STATUS.topic(service="risk"))
-    assert config["unique_id"] == "circles_trading_halt" and config["device"]["identifiers"]
+    assert config["unique_id"] == "circles.trading_halt" and config["device"]["identifiers"]
     assert "value_json.halted" in config["value_template"]
 
     # It is retained: a Home Assistant that connects later finds it.

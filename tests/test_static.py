@@ -26,9 +26,11 @@ def test_bus_only_services_stay_light() -> None:
     code = ("import sys; import appliance.cli as c; c.parser()\n"
             "import modules.health.service, modules.trading.market.service\n"
             "import modules.trading.alpha.service, modules.trading.ensemble.service\n"
-            "import modules.trading.sizing.service\n"
+            "import modules.trading.sizing.service, modules.automation.service\n"
+            "import modules.home_sensors.service\n"
             "print(' '.join(m for m in ('sqlalchemy', 'cryptography', 'ccxt', 'pyarrow')"
-            " if m in sys.modules))")
+            " if m in sys.modules))\n"
+            "print(' '.join(m for m in ('gpiozero',) if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.split()
     assert loaded == []

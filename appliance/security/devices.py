@@ -23,6 +23,7 @@ from appliance.bus.broker import ADMIN_USER
 from appliance.bus.roles import DEVICE_KINDS, role_name
 from appliance.errors import CirclesError
 from appliance.files import write_atomically
+from appliance.ha_discovery import APPLIANCE_ID
 from appliance.security import audit as events
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ def check_name(name: str, reserved: set[str]) -> None:
     if not _NAME.match(name):
         raise DeviceError(f"device name {name!r}: use 1-63 characters a-z, 0-9, '-' and '_', "
                           "starting with a letter or digit (it becomes a topic level)")
-    if name in reserved | {ADMIN_USER, CLI_CLIENT}:
+    # The appliance's own Home Assistant device too: a node of that name could rewrite its
+    # discovery configs (the trading-halt switch among them).
+    if name in reserved | {ADMIN_USER, CLI_CLIENT, APPLIANCE_ID}:
         raise DeviceError(f"device name {name!r} is taken by the appliance itself")
 
 

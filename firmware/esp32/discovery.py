@@ -29,11 +29,10 @@ def device_block(cfg):
 def config_for(cfg, channel):
     """(topic, JSON payload) of one entity's config."""
     device = cfg["device"]
-    unique_id = (device + "_" + channel.entity).replace("-", "_")
     doc = {
         "name": channel.name,
-        "unique_id": unique_id,
-        "object_id": unique_id,
+        "unique_id": device + "." + channel.entity,
+        "default_entity_id": (COMPONENT + "." + device + "_" + channel.entity).replace("-", "_"),
         "state_topic": fill(cfg["topics"]["state"], entity=channel.entity),
         "value_template": VALUE_TEMPLATE,
         "state_class": "measurement",

@@ -26,9 +26,6 @@ class RingBuffer:
         self.count += 1
         return True
 
-    def peek(self):
-        return self.items[self.start] if self.count else None
-
     def pop(self):
         if not self.count:
             raise IndexError("empty ring buffer")

@@ -24,6 +24,8 @@ def entities() -> list[Entity]:
         sensor("disk_percent", "Disk used", "%", icon="mdi:harddisk"),
         Entity("binary_sensor", APPLIANCE_ID, "clock_synchronized", "Clock synchronised", {
             "state_topic": state, "entity_category": "diagnostic", "icon": "mdi:clock-check",
-            "value_template": "{{ 'ON' if value_json.clock_synchronized else 'OFF' }}",
+            # null (cannot tell) is "None": Home Assistant's word for unknown.
+            "value_template": "{{ 'None' if value_json.clock_synchronized is none else "
+                              "('ON' if value_json.clock_synchronized else 'OFF') }}",
             "payload_on": "ON", "payload_off": "OFF"}),
     ]

@@ -35,6 +35,7 @@ def entity(device: DeviceSettings, driver: type[Driver]) -> Entity:
                             "via_device": APPLIANCE_ID}
     if device.room:
         info["suggested_area"] = device.room
+    status = str(registry.HOME_STATUS.topic(device=device.name))
     return Entity(shape.component, device.name, device.entity_name,
                   device.entity_name.replace("_", " ").capitalize(), config, info,
-                  availability=(str(registry.HOME_STATUS.topic(device=device.name)),))
+                  availability=(status,), owned=(state, status))

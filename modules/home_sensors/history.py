@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import ConfigError
+
 BUCKET_S = 300
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -75,8 +77,8 @@ class History:
         self.db.execute("PRAGMA synchronous=NORMAL")  # a chart may lose its last second
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: history schema {version} is newer than this version "
-                               f"({SCHEMA_VERSION})")
+            raise ConfigError(f"{path}: history schema {version} is newer than this version's "
+                              f"({SCHEMA_VERSION}); run the newer version or move the file")
         self.db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
 
     def add(self, rows: list[tuple[str, float, float]]) -> int:

@@ -10,7 +10,6 @@ the bus (the ESP32 nodes' too) go into the history (`history.py`), which `histor
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,14 +20,13 @@ from appliance.bus import registry
 from appliance.bus.message import Received
 from appliance.bus.payloads import CommandRequest, HomeState, utcnow
 from appliance.errors import ConfigError, TemporaryError, ValidationFailed
-from appliance.files import write_atomically
 from appliance.ha_discovery import Entity
 from appliance.runtime import Service, subscribe
 from modules.home_sensors import discovery
 from modules.home_sensors.drivers import DRIVERS
 from modules.home_sensors.drivers.base import Context, Driver
 from modules.home_sensors.history import History, numeric
-from modules.home_sensors.settings import DeviceSettings, HomeSensorsSettings
+from modules.home_sensors.settings import DeviceSettings, HomeSensorsSettings, demo_devices
 
 log = logging.getLogger("circles.home_sensors")
 MAINTAIN_EVERY_S = 3600.0
@@ -45,6 +43,9 @@ class Device:
     value: Any = None
     online: bool | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # One read or write and its publication at a time: an older reading published after a
+    # newer one would stand as the retained state until the next interval.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
@@ -83,11 +84,12 @@ class HomeSensorsService(Service):
             History, self.folder / "history.sqlite", full_s=cfg.history_full_hours * 3600,
             keep_s=cfg.history_days * 86400)
         drivers = DRIVERS[cfg.hardware]
+        configured = cfg.devices if cfg.devices is not None else (
+            demo_devices() if self.settings.environment == "development" else [])
         self.devices = {(d.name, d.entity_name): Device(i, d, drivers[d.kind])
-                        for i, d in enumerate(cfg.devices)}
+                        for i, d in enumerate(configured)}
         for device in self.devices.values():
             await self.open(device)
-        await self.forget_removed()
 
     async def open(self, device: Device) -> bool:
         """Open a device's driver; a device whose hardware is not there yet (a probe not
@@ -113,28 +115,6 @@ class HomeSensorsService(Service):
             log.error("device offline", extra={"device": device.name, "reason": reason})
         await self.bus.send(registry.HOME_STATUS, "online" if online else "offline",
                             device=device.name)
-
-    async def forget_removed(self) -> None:
-        """Delete the retained state and status of devices served before but no longer
-        configured, so nobody reads a value that stopped moving."""
-        served = self.folder / "served.json"
-        try:
-            before = {tuple(x) for x in json.loads(served.read_text())}
-        except FileNotFoundError:
-            before = set()
-        except (OSError, ValueError) as exc:
-            log.warning("served devices unreadable", extra={"error": str(exc)})
-            before = set()
-        now = set(self.devices)
-        for name, entity in sorted(before - now):
-            log.info("device removed from the config", extra={"device": name, "entity": entity})
-            await self.bus.publish(str(registry.HOME_STATE.topic(device=name, entity=entity)),
-                                   b"", retain=True)
-            if name not in {n for n, _ in now}:
-                await self.bus.publish(str(registry.HOME_STATUS.topic(device=name)), b"",
-                                       retain=True)
-        data = json.dumps(sorted(now)).encode()
-        await asyncio.to_thread(write_atomically, served, lambda out: out.write(data))
 
     def entities(self) -> list[Entity]:
         return [discovery.entity(d.settings, d.driver_cls) for d in self.devices.values()]
@@ -175,14 +155,15 @@ class HomeSensorsService(Service):
     async def refresh(self, device: Device, *, always: bool = False) -> None:
         """Read a device; publish its value when it changed (or `always`)."""
         assert device.driver is not None
-        try:
-            value = await asyncio.to_thread(device.driver.read)
-        except Exception as exc:  # noqa: BLE001 - a sensor that fails is offline, not fatal
-            await self.set_online(device, False, f"{type(exc).__name__}: {exc}")
-            return
-        await self.set_online(device, True)
-        if always or value != device.value:
-            await self.publish(device, value)
+        async with device.lock:
+            try:
+                value = await asyncio.to_thread(device.driver.read)
+            except Exception as exc:  # noqa: BLE001 - a sensor that fails is offline, not fatal
+                await self.set_online(device, False, f"{type(exc).__name__}: {exc}")
+                return
+            await self.set_online(device, True)
+            if always or value != device.value:
+                await self.publish(device, value)
 
     async def publish(self, device: Device, value: Any) -> None:
         device.value = value
@@ -200,10 +181,11 @@ class HomeSensorsService(Service):
         value = device.driver_cls.parse(msg.data)
         if device.driver is None:
             raise ValidationFailed(f"{device.name} is offline")
-        state = await asyncio.to_thread(device.driver.write, value)
-        log.info("command applied", extra={"device": device.name, "command": msg.data,
-                                           "state": state})
-        await self.publish(device, state)
+        async with device.lock:
+            state = await asyncio.to_thread(device.driver.write, value)
+            log.info("command applied", extra={"device": device.name, "command": msg.data,
+                                               "state": state})
+            await self.publish(device, state)
 
     # -- history --------------------------------------------------------------------------
     @subscribe(registry.HOME_STATE, batch=True)
@@ -260,6 +242,8 @@ class HomeSensorsService(Service):
         for device in self.devices.values():
             if device.driver is not None:
                 await asyncio.to_thread(device.driver.close)
+            if device.online:  # not a last will: a crash leaves it to the service's status
+                await self.bus.send(registry.HOME_STATUS, "offline", device=device.name)
         await asyncio.to_thread(self.history.close)
 
     def status_text(self) -> str:

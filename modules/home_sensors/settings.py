@@ -29,7 +29,6 @@ from modules.home_sensors.drivers import KINDS
 Kind = Literal["contact", "motion", "ds18b20", "mcp3008", "ultrasonic", "cpu_temperature",
                "switch", "pwm"]
 assert set(Kind.__args__) == set(KINDS)  # type: ignore[attr-defined]
-_OWN = {"name", "kind", "entity", "label", "room", "interval_s"}
 
 
 class DeviceSettings(Section):
@@ -96,7 +95,9 @@ class HomeSensorsSettings(Section):
     pin_factory: str | None = Field(
         None, description="gpiozero's pin factory (lgpio, rpigpio, native, mock); "
                           "default: gpiozero's choice")
-    devices: list[DeviceSettings] = Field(default_factory=demo_devices)
+    devices: list[DeviceSettings] | None = Field(
+        None, description="default: none, or one simulated device of each kind in development "
+                          "(circles up)")
     interval_s: float = Field(60.0, gt=0, le=86400, description="default seconds between values")
     poll_s: float = Field(0.5, gt=0, le=60, description="how often inputs that cannot signal "
                                                         "a change are read")
@@ -109,11 +110,11 @@ class HomeSensorsSettings(Section):
 
     @model_validator(mode="after")
     def _checked(self) -> HomeSensorsSettings:
-        if self.hardware == "gpio" and "devices" not in self.model_fields_set:
+        if self.hardware == "gpio" and self.devices is None:
             # Never drive the demo's pins on real hardware.
             raise ValueError("devices: list the devices wired to this box (hardware = 'gpio')")
         seen: dict[tuple[str, str], int] = {}
-        for i, device in enumerate(self.devices):
+        for i, device in enumerate(self.devices or []):
             key = (device.name, device.entity_name)
             if key in seen:
                 raise ValueError(f"devices.{i}: {device.name}/{device.entity_name} is also "

@@ -248,11 +248,10 @@ class RiskBook:
 
     # -- figures and breaches -------------------------------------------------------------
     def daily_loss_pct(self, acc: Account) -> float | None:
-        pnl = acc.pnl()
-        if pnl is None or acc.day_start_pnl is None or not acc.day_start_equity \
-                or acc.day_start_equity <= 0:
+        today = self.pnl_today(acc)
+        if today is None or not acc.day_start_equity or acc.day_start_equity <= 0:
             return None
-        return (acc.day_start_pnl - pnl) / acc.day_start_equity * 100
+        return -today / acc.day_start_equity * 100
 
     def pnl_today(self, acc: Account) -> float | None:
         """Trading PnL since the day's start (closed and open), in the account's currency."""
