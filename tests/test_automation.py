@@ -125,6 +125,31 @@ async def test_a_rule_fires_once_per_matching_event(tmp_path: Path) -> None:
     assert of(auto).stats.fired == 3
 
 
+async def test_an_old_state_fires_nothing(tmp_path: Path) -> None:
+    """A node's buffered reading, or one queued while the service was down, arrives late:
+    it sets what is known, but is no event to act on now."""
+    broker = MemoryBroker()
+    home = await home_bus(broker)
+    clock = Clock(datetime.now(UTC))
+    auto = await start(broker, tmp_path, clock, rules=[hall_rule()], max_event_age_s=60)
+    for age_s, value in ((3600, "OFF"), (120, "ON"), (90, "OFF")):
+        state = HomeState(value=value, ts=(clock.now - timedelta(seconds=age_s)).isoformat())
+        await home.send(registry.HOME_STATE, state, device="hall-motion", entity="motion")
+    await pump([auto])
+    assert await commands(home) == [] and of(auto).stats.fired == 0
+    await tell(home, MOTION, "ON")  # now
+    await pump([auto])
+    assert await commands(home) == [(LIGHT, "ON")]
+
+
+async def test_demo_rule_only_in_development(tmp_path: Path) -> None:
+    for environment, expected in (("development", 1), ("production", 0)):
+        settings = settings_class({"automation": AutomationSettings})(
+            automation=AutomationSettings(), state_dir=tmp_path, environment=environment)
+        service = AutomationService(settings, MemoryBus("automation", MemoryBroker()))
+        assert len(service.rules) == expected
+
+
 async def test_only_if_and_between_gate_a_rule(tmp_path: Path) -> None:
     broker = MemoryBroker()
     home = await home_bus(broker)
@@ -340,11 +365,12 @@ HEATING = ('[[automation.schedules]]\nname = "morning heating"\ncron = "61 6 * *
      ["automation.rules.0: rule 'hall light': ", "between: '7-9' is not a time window",
       " | for: 'soon' is not a duration"]),
     (HEATING, ["automation.schedules.0", "'morning heating'", "cron", "61"]),
+    (HEATING.replace("61 6 * * *", "0 0 30 2 *"), ["'morning heating'", "cron", "never fires"]),
     (_toml_rule() + "\n" + HEATING.replace("morning heating", "hall light").replace("61 6", "0 6"),
      ["automation", "schedules.0", "'hall light'", "already used by rules.0"]),
     ('[automation]\ntimezone = "Mars/Olympus"', ["automation.timezone", "Mars/Olympus"]),
 ], ids=["when-not-a-state", "then-not-a-command", "duration", "window", "revert", "two-tests",
-        "unknown-key", "two-mistakes", "cron", "same-name", "timezone"])
+        "unknown-key", "two-mistakes", "cron", "cron-never", "same-name", "timezone"])
 def test_bad_settings_exit_78_naming_the_rule(tmp_path: Path, config: str, fragments: list[str]) -> None:
     path = tmp_path / "circles.toml"
     path.write_text(config + "\n")

@@ -29,7 +29,15 @@ from appliance.logging import request_id
 from appliance.runtime import Service, subscribe
 from modules.automation import cron
 from modules.automation.pending import PendingStore, Timed, due_now
-from modules.automation.settings import Automation, AutomationSettings, Condition, Rule, Schedule, in_window
+from modules.automation.settings import (
+    Automation,
+    AutomationSettings,
+    Condition,
+    Rule,
+    Schedule,
+    demo_rules,
+    in_window,
+)
 
 log = logging.getLogger("circles.automation")
 TICK_S = 0.5
@@ -72,7 +80,9 @@ class AutomationService(Service):
         config: AutomationSettings = self.config
         self.clock: Callable[[], datetime] = utc_now
         self.zone = config.zone()
-        self.rules = [RuleState(rule) for rule in config.rules]
+        rules = config.rules if config.rules is not None else (
+            demo_rules() if settings.environment == "development" else [])
+        self.rules = [RuleState(rule) for rule in rules]
         self.watching: dict[str, list[RuleState]] = {}
         for state in self.rules:
             if state.rule.enabled:
@@ -80,7 +90,7 @@ class AutomationService(Service):
         self.schedules = [ScheduleState(s, cron.trigger(s.cron, self.zone))
                           for s in config.schedules]
         self.values: dict[str, Any] = {}  # last known value of each topic `only_if` reads
-        self.remembered = {condition.topic for automation in [*config.rules, *config.schedules]
+        self.remembered = {condition.topic for automation in [*rules, *config.schedules]
                            for condition in automation.only_if}
         self.pending: dict[str, Timed] = {}
         self.store = PendingStore(settings.state_dir / "automation" / "pending.json")
@@ -121,12 +131,28 @@ class AutomationService(Service):
                 # Met at subscribing: how things were before the service looked, not an event.
                 log.debug("retained state; not a trigger", extra={"rule": state.rule.name})
                 continue
+            if (age := self.age(msg, now)) is not None and age > self.config.max_event_age_s:
+                log.info("old state; not a trigger", extra={"rule": state.rule.name,
+                                                            "age_s": round(age, 1)})
+                continue
             blocked = self.blocked(state.rule, now)
             if blocked:
                 log.debug("rule not fired", extra={"rule": state.rule.name, "because": blocked})
                 continue
             await self.fire(state.rule, now)
             state.last_fired = now
+
+    @staticmethod
+    def age(msg: Received, now: datetime) -> float | None:
+        """How old a home state is by its own time (a status has none)."""
+        ts = getattr(msg.data, "ts", None)
+        try:
+            when = datetime.fromisoformat(ts) if ts else None
+        except ValueError:
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        return (now - when).total_seconds()
 
     def holds(self, condition: Condition) -> bool:
         return condition.topic in self.values and condition.holds(self.values[condition.topic])

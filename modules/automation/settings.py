@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import UTC, time, timedelta, tzinfo
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from typing import Annotated, Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -292,7 +292,8 @@ class Schedule(Automation):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        cron.trigger(value, UTC)
+        if cron.next_time(cron.trigger(value, UTC), datetime.now(UTC)) is None:
+            raise ValueError(f"{value!r} never fires (e.g. 30 February)")
         return value
 
 
@@ -313,8 +314,13 @@ def demo_rules() -> list[Rule]:
 class AutomationSettings(Section):
     timezone: str | None = Field(
         None, description="the zone of cron times and `between` windows; default: the box's")
-    rules: list[Rule] = Field(default_factory=demo_rules)
+    rules: list[Rule] | None = Field(
+        None, description="default: none, or the demo's rule in development (circles up)")
     schedules: list[Schedule] = Field(default_factory=list)
+    max_event_age_s: float = Field(
+        60.0, gt=0, description="a state older than this by its own time (a node's buffered "
+                                "reading, a message queued while the service was down) "
+                                "is remembered but fires nothing")
 
     @field_validator("timezone")
     @classmethod
@@ -329,7 +335,7 @@ class AutomationSettings(Section):
     @model_validator(mode="after")
     def _unique_names(self) -> AutomationSettings:
         seen: dict[str, str] = {}
-        for where, items in (("rules", self.rules), ("schedules", self.schedules)):
+        for where, items in (("rules", self.rules or []), ("schedules", self.schedules)):
             for i, item in enumerate(items):
                 here = f"{where}.{i}"
                 if item.name in seen:
