@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from appliance.errors import CirclesError, ConfigError, OperationalError
+from appliance.errors import CirclesError, ConfigError, OperationalError, TemporaryError
 
 if TYPE_CHECKING:
     from appliance.bus.base import Bus
@@ -137,6 +137,24 @@ def on_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
+def ask(service: str, command: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
+    """A service's answer to a command over the bus; OperationalError with its error when it
+    refuses, or when it does not answer in time."""
+
+    async def work(bus: Bus) -> Any:
+        try:
+            reply = await bus.request(service, command, args, timeout=timeout)
+        except TemporaryError:
+            raise OperationalError(
+                f"the {service} service did not answer within {timeout:g} s; is it running? "
+                f"(systemctl status circles@{service}, or `circles run {service}`)") from None
+        if not reply.ok:
+            raise OperationalError(f"{service} refused {command}: {reply.error}")
+        return reply.result
+
+    return on_bus(work)
+
+
 def _send_events(events: Sequence[TradeEvent], timeout: float) -> int:
     """Send events through the trade logger, waiting for each confirmation; print a summary."""
     from appliance.bus.trade_event import AcceptedEvent
@@ -159,16 +177,6 @@ def _send_events(events: Sequence[TradeEvent], timeout: float) -> int:
         if len(outcomes) == 1 and accepted:
             print(f"seq {accepted[0].seq} hash {accepted[0].hash}")
         return 0 if len(accepted) == len(outcomes) else 1
-
-    return on_bus(work)
-
-
-def _ask_trade_logger(command: str, args: dict[str, Any]) -> Any:
-    async def work(bus: Bus) -> Any:
-        reply = await bus.request("trade-logger", command, args, timeout=30)
-        if not reply.ok:
-            raise OperationalError(f"trade-logger: {reply.error}")
-        return reply.result
 
     return on_bus(work)
 
@@ -228,7 +236,7 @@ def _cmd_ledger_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_metrics(args: argparse.Namespace) -> int:
-    print(json.dumps(_ask_trade_logger("metrics", {"account": args.account}), indent=2))
+    print(json.dumps(ask("trade-logger", "metrics", {"account": args.account}, timeout=30), indent=2))
     return 0
 
 
@@ -379,9 +387,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, crypto, devices, trading, users
+    from appliance.cli import audit, crypto, devices, home, trading, users
 
-    for area in (users, crypto, audit, devices, trading):
+    for area in (users, crypto, audit, devices, trading, home):
         area.add_commands(sub)
     return top
 

@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from appliance.cli import on_bus
-from appliance.errors import OperationalError, TemporaryError
-
-if TYPE_CHECKING:
-    from appliance.bus.base import Bus
+from appliance.cli import ask
 
 RISK = "risk"
 TIMEOUT_S = 10.0
@@ -24,21 +20,7 @@ FLATTEN_TIMEOUT_S = 30.0
 
 
 def ask_risk(command: str, args: dict[str, Any], timeout: float = TIMEOUT_S) -> Any:
-    """The risk service's answer to `command`; OperationalError with its error when it
-    refuses, or when it does not answer in time."""
-
-    async def work(bus: Bus) -> Any:
-        try:
-            reply = await bus.request(RISK, command, args, timeout=timeout)
-        except TemporaryError:
-            raise OperationalError(
-                f"the risk service did not answer within {timeout:g} s; is it running? "
-                "(systemctl status circles@risk, or `circles run risk`)") from None
-        if not reply.ok:
-            raise OperationalError(f"risk refused {command}: {reply.error}")
-        return reply.result
-
-    return on_bus(work)
+    return ask(RISK, command, args, timeout)
 
 
 def _actor() -> str:
