@@ -13,33 +13,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ValidationError
 
-from appliance.bus import registry
 from appliance.files import write_atomically
-from modules.automation.settings import check_topic
+from modules.automation.settings import Action
 
 log = logging.getLogger("circles.automation")
 
 
-class Timed(BaseModel):
-    """A command sent by an automation whose revert is due at `due`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Timed(Action):
+    """A command sent by an automation whose revert (this topic and payload) is due at `due`."""
 
     name: str  # the rule or schedule that sent it
-    topic: str
-    payload: str  # the revert
     due: AwareDatetime
     request_id: str | None = None  # of the firing, for the log
-
-    @field_validator("topic")
-    @classmethod
-    def _set_topic(cls, value: str) -> str:
-        return check_topic(value, (registry.HOME_SET,), "a home command topic")
-
-    def params(self) -> dict[str, str]:
-        return registry.HOME_SET.parse(self.topic) or {}
 
 
 class PendingFile(BaseModel):
