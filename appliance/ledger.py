@@ -230,6 +230,11 @@ class Ledger:
                 found[key] = Appended(int(seq), hash_, duplicate=True)
         return found
 
+    def known(self, chain: str, keys: list[str]) -> set[str]:
+        """The idempotency keys among `keys` that the chain holds."""
+        with self.engine.connect() as conn:
+            return set(self._known_keys(conn, chain, keys))
+
     def _last_checkpoint(self, conn: Connection, chain: str) -> tuple[int, float]:
         """The chain's last checkpoint: (seq, when it was signed in epoch seconds); (0, 0.0)
         if there is none."""

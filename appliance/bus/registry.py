@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from appliance.bus import mt5
 from appliance.bus import payloads as p
 from appliance.bus import trade_event as t
 from appliance.bus import trading as tr
@@ -63,6 +64,21 @@ POSITIONS = _spec("positions", "circles/execution/positions/{account}", retained
                   model=tr.Positions, pub="service:execution", sub="service homeassistant")
 RISK_STATE = _spec("risk_state", "circles/risk/state", retained=True, model=tr.RiskState,
                    pub="service:risk", sub="service homeassistant")
+# The MT5 wire protocol (docs/mt5_protocol.md): an expert advisor per account, the bridge.
+MT5_DEAL = _spec("mt5_deal", "circles/mt5/{account}/deal", model=mt5.MT5Deal,
+                 pub="mt5:self", sub="service:mt5-bridge")
+MT5_SNAPSHOT = _spec("mt5_snapshot", "circles/mt5/{account}/snapshot", model=mt5.MT5Snapshot,
+                     pub="mt5:self", sub="service:mt5-bridge")
+MT5_HEARTBEAT = _spec("mt5_heartbeat", "circles/mt5/{account}/heartbeat", qos=0,
+                      model=mt5.MT5Heartbeat, pub="mt5:self", sub="service")
+MT5_STATUS = _spec("mt5_status", "circles/mt5/{account}/status", retained=True,
+                   pub="mt5:self", sub="service homeassistant")
+MT5_ACK = _spec("mt5_ack", "circles/mt5/{account}/ack", model=mt5.MT5Ack,
+                pub="service:mt5-bridge", sub="mt5:self")
+MT5_RESEND = _spec("mt5_resend", "circles/mt5/{account}/cmd/resend", model=mt5.MT5Resend,
+                   pub="service:mt5-bridge", sub="mt5:self")
+MT5_GAPS = _spec("mt5_gaps", "circles/mt5/{account}/gaps", retained=True, model=mt5.MT5Gaps,
+                 pub="service:mt5-bridge", sub="service homeassistant")
 HOME_STATE = _spec("home_state", "circles/home/{device}/{entity}/state", retained=True,
                    model=p.HomeState, pub="esp32:self service", sub="service homeassistant")
 HOME_SET = _spec("home_set", "circles/home/{device}/{entity}/set",

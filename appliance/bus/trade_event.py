@@ -144,13 +144,17 @@ class TradeEvent(BaseModel):
 
     @property
     def key(self) -> str:
-        """The idempotency key: one event per (source, account, event_id)."""
-        return f"{self.source}|{self.account}|{self.event_id}"
+        return event_key(self.source, self.account, self.event_id)
 
     def stored(self) -> dict[str, Any]:
         """The event as the ledger stores it (Decimals and the UTC time are written exactly
         by the ledger's canonical JSON)."""
         return self.model_dump()
+
+
+def event_key(source: str, account: str, event_id: str) -> str:
+    """The idempotency key: one event per (source, account, event_id)."""
+    return f"{source}|{slug(account)}|{event_id}"
 
 
 def chain_for(account: str) -> str:

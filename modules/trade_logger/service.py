@@ -24,7 +24,7 @@ from appliance.bus import registry
 from appliance.bus.message import Message, Received
 from appliance.bus.payloads import CommandRequest, utcnow
 from appliance.bus.topics import slug
-from appliance.bus.trade_event import RejectedEvent, TradeEvent, TradeMetrics, chain_for
+from appliance.bus.trade_event import RejectedEvent, TradeEvent, TradeMetrics, chain_for, event_key
 from appliance.config import Section
 from appliance.errors import TemporaryError, ValidationFailed
 from appliance.ledger import Entry, Ledger, open_ledger
@@ -182,6 +182,20 @@ class TradeLoggerService(Service):
         """{"account": "…"} → the account's metrics now (also published retained)."""
         account = await asyncio.to_thread(self._account, request)
         return await self.publish_metrics(account)
+
+    async def cmd_known(self, request: CommandRequest) -> dict[str, list[str]]:
+        """{"account": "…", "source": "mt5", "event_ids": […]} → {"known": [the ids the
+        account's chain holds]}: how a connector finds the events the ledger misses."""
+        args = request.model_extra or {}
+        account, source, ids = args.get("account"), args.get("source"), args.get("event_ids")
+        if not isinstance(account, str) or not isinstance(source, str) or not isinstance(ids, list) \
+                or not all(isinstance(i, str) for i in ids) or len(ids) > 10_000:
+            raise ValidationFailed('give {"account": "…", "source": "…", "event_ids": [up to '
+                                   '10000 strings]}')
+        account = slug(account)
+        keys = {event_key(source, account, i): i for i in ids}
+        found = await asyncio.to_thread(self.ledger.known, chain_for(account), list(keys))
+        return {"known": sorted(keys[k] for k in found)}
 
     async def cmd_equity(self, request: CommandRequest) -> list[dict[str, Any]]:
         """{"account": "…", "max_points": 1000} → the equity curve, oldest first."""
