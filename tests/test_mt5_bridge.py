@@ -194,11 +194,14 @@ async def test_a_snapshot_finds_the_missing_deal_and_asks_for_it(desk: Desk) -> 
     gaps = MT5Gaps.model_validate_json(desk.watch.on(desk.topic(registry.MT5_GAPS))[-1].payload)
     assert (gaps.missing, gaps.checked) == ([5], 4)
 
+    await desk.send(registry.MT5_DEAL, NOT_KEPT[0])  # refused for good: no gap after
+    await desk.watch.wait(lambda ms: 9 in desk.refused(), 30, "deal 9 refused")
     await desk.send(registry.MT5_DEAL, SESSION[4])  # the EA sends it again
     await desk.send(registry.MT5_DEAL, SESSION[3])
     await desk.watch.wait(lambda ms: desk.acked() >= {4, 5}, 30, "the gap filled")
     desk.watch.messages.clear()
-    await desk.send(registry.MT5_SNAPSHOT, snapshot.model_copy(update={"pending": []}).model_dump())
+    await desk.send(registry.MT5_SNAPSHOT, snapshot.model_copy(
+        update={"pending": [], "tickets": [*snapshot.tickets, 9]}).model_dump())
     found = await desk.watch.wait(lambda ms: desk.watch.on(desk.topic(registry.MT5_GAPS)), 20,
                                   "the next comparison")
     assert MT5Gaps.model_validate_json(found[-1].payload).missing == []

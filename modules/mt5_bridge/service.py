@@ -27,11 +27,13 @@ from appliance.bus.payloads import CommandRequest, utcnow
 from appliance.bus.trade_event import TradeAck
 from appliance.config import Section
 from appliance.errors import CirclesError, ValidationFailed
+from appliance.files import write_atomically
 from appliance.runtime import Service, subscribe
 from modules.mt5_bridge.normalise import event_id, ticket_of, to_event
 
 log = logging.getLogger("circles.mt5_bridge")
 LEDGER = "trade-logger"
+MAX_REFUSED = 10_000  # per account; the oldest tickets are forgotten first
 
 
 class MT5BridgeSettings(Section):
@@ -60,6 +62,23 @@ class MT5BridgeService(Service):
         self.terminals: dict[str, Terminal] = {}
         self.checks: dict[str, asyncio.Task[None]] = {}  # account → its snapshot's check
         self.sent = 0
+        # Deals refused for good stay in the terminal's history: remembered, so that a
+        # snapshot does not ask for them again and again.
+        self.refused_file = self.settings.state_dir / self.name / "refused.json"
+        self.refused: dict[str, set[int]] = await asyncio.to_thread(self._load_refused)
+
+    def _load_refused(self) -> dict[str, set[int]]:
+        try:
+            return {a: set(t) for a, t in json.loads(self.refused_file.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("refused deals unreadable", extra={"error": str(exc)})
+            return {}
+
+    def _save_refused(self, data: bytes) -> None:
+        self.refused_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.refused_file, lambda out: out.write(data))
 
     def terminal(self, account: str) -> Terminal:
         return self.terminals.setdefault(account, Terminal())
@@ -109,6 +128,13 @@ class MT5BridgeService(Service):
 
     async def ack(self, account: str, *, accepted: list[int] | None = None,
                   rejected: list[RejectedDeal] | None = None) -> None:
+        if rejected:
+            kept = self.refused.setdefault(account, set())
+            kept.update(r.ticket for r in rejected)
+            while len(kept) > MAX_REFUSED:
+                kept.discard(min(kept))
+            data = json.dumps({a: sorted(t) for a, t in self.refused.items()}).encode()
+            await asyncio.to_thread(self._save_refused, data)
         await self.bus.send(registry.MT5_ACK, MT5Ack(accepted=accepted or [],
                                                      rejected=rejected or []), account=account)
 
@@ -125,7 +151,8 @@ class MT5BridgeService(Service):
     async def check(self, account: str, snapshot: MT5Snapshot) -> None:
         """Deals of the terminal's history that are neither in the ledger nor in the EA's
         queue: published on `gaps`, and asked for again."""
-        candidates = sorted(set(snapshot.tickets) - set(snapshot.pending))
+        candidates = sorted(set(snapshot.tickets) - set(snapshot.pending)
+                            - self.refused.get(account, set()))
         try:
             reply = await self.bus.request(LEDGER, "known", {
                 "account": account, "source": "mt5",
