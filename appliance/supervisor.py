@@ -26,6 +26,9 @@ from appliance.errors import ConfigError, OperationalError
 from appliance.security.secrets import ensure_secret
 
 OBSERVER = "observer"
+MT5_BRIDGE = "mt5-bridge"
+DEMO_EA = "demo-mt5"  # the simulated expert advisor's account in the demo
+DEMO_EA_ARGS = ["simulate", "mt5", "--account", DEMO_EA, "--every", "30", "--log-json"]
 
 
 def free_port(start: int = 1883, host: str = "127.0.0.1") -> int:
@@ -82,13 +85,17 @@ class Broker:
 
 
 class Child:
-    def __init__(self, name: str, env: dict[str, str], logs: Path) -> None:
+    """A `circles` command run by the supervisor: a service (`run <name>`) by default."""
+
+    def __init__(self, name: str, env: dict[str, str], logs: Path,
+                 args: list[str] | None = None) -> None:
         self.name, self.env, self.log_path = name, env, logs / f"{name}.jsonl"
+        self.args = args or ["run", name]
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.cli", "run", self.name, env=self.env,
+            sys.executable, "-m", "appliance.cli", *self.args, env=self.env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
 
@@ -140,6 +147,8 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
             await admin.sync(names, state)
             observer_password = ensure_secret(client_secret(OBSERVER), state)
             await admin.ensure_client("observer", OBSERVER, observer_password)
+            if MT5_BRIDGE in names:  # a simulated MetaTrader terminal, with its own account
+                await admin.ensure_client("mt5", DEMO_EA, ensure_secret(client_secret(DEMO_EA), state))
         finally:
             await admin.close()
     except BaseException:
@@ -148,6 +157,8 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
 
     env = {**os.environ, "CIRCLES_BUS__HOST": "127.0.0.1", "CIRCLES_BUS__PORT": str(port)}
     children = [Child(name, env, state / "logs") for name in names]
+    if MT5_BRIDGE in names:
+        children.append(Child(DEMO_EA, env, state / "logs", DEMO_EA_ARGS))
     print(f"Circles is up: broker on 127.0.0.1:{port}, services: {', '.join(names)}")
     if admin_password:
         print(f"first admin: {FIRST_ADMIN} / {admin_password} — shown once, change it at first login")

@@ -16,12 +16,15 @@ from typing import Any
 import pytest
 
 from appliance.bus import MqttBus, registry
+from appliance.bus.mqtt311 import Address
 from appliance.bus.mt5 import MT5Ack, MT5Deal, MT5Gaps, MT5Resend, MT5Snapshot
 from appliance.bus.payloads import DeadLetter
 from appliance.bus.trade_event import TradeEvent
 from appliance.errors import ValidationFailed
+from appliance.mt5_sim import Simulator
 from modules.mt5_bridge.normalise import to_event
 from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.test_mt5_wire import add_ea_device
 
 OFFSET = 7200  # the trade server is two hours ahead of UTC
 T0 = 1_763_740_800_000  # ms, server time
@@ -233,3 +236,44 @@ async def test_terminals_are_tracked_by_status_and_heartbeat(desk: Desk) -> None
         await asyncio.sleep(0.2)
     assert found and not found["online"] and found["status"] == "offline"
     await desk.ea.publish(desk.topic(registry.MT5_STATUS), b"", retain=True, wait=True)
+
+
+async def test_the_simulated_ea_through_the_bridge_into_the_ledger(
+        broker: TestBroker, desk: Desk, tmp_path: Path) -> None:
+    """The EA's protocol end to end: deals confirmed by the ledger leave the EA's queue; a
+    deal that never left the terminal is found by the snapshot and recovered."""
+    device = await add_ea_device(broker)
+    assert device.password
+    watch = await Collector.start(broker, f"circles/mt5/{device.name}/#")
+    sim = Simulator(device.name, Address("127.0.0.1", broker.port, device.name, device.password),
+                    tmp_path / "ea.queue", seed=3, resend_after_s=2.0, reconnect_max_s=1.0,
+                    snapshot_every_s=3600)
+    try:
+        await sim.start()
+        skipped = sim.next_ticket + 2
+        sim.skip.add(skipped)
+        made = [await sim.deposit(), await sim.open("EURUSD", "buy", "0.10"),
+                await sim.open("XAUUSD", "sell", "0.05"), await sim.close("EURUSD")]
+        assert made[2].ticket == skipped
+        await sim.wait_acked(timeout=30)
+        assert not sim.queue
+
+        watch.messages.clear()  # the snapshot sent at connect found nothing missing
+        await sim.send_snapshot()
+        gaps = await watch.wait(lambda ms: [MT5Gaps.model_validate_json(m.payload) for m in ms
+                                            if m.topic.endswith("/gaps") and m.payload], 20,
+                                "the gap found")
+        assert gaps[-1].missing == [skipped]
+        tickets = [d.ticket for d in made]
+        for _ in range(100):  # resent by the EA, committed, confirmed
+            reply = await desk.ea.request("trade-logger", "known", {
+                "account": device.name, "source": "mt5",
+                "event_ids": [f"{device.name}:{t}" for t in tickets]}, timeout=10)
+            if reply.ok and len(reply.result["known"]) == len(tickets):
+                break
+            await asyncio.sleep(0.2)
+        assert reply.ok and len(reply.result["known"]) == len(tickets), reply
+        await sim.wait_acked(timeout=30)
+    finally:
+        await sim.stop()
+        await watch.close()

@@ -9,14 +9,15 @@ from typing import Literal
 from pydantic import Field
 
 from appliance.bus.payloads import Payload
+from appliance.bus.trade_event import ExactJson
 
 Ticket = int
 MAX_TICKETS = 5000
 Name = Field(max_length=64)
 
 
-class MT5Deal(Payload):
-    """One deal of the terminal's history, as `HistoryDeal*` reads it."""
+class MT5Deal(ExactJson, Payload):
+    """One deal of the terminal's history, as `HistoryDeal*` reads it; its numbers exact."""
 
     ticket: Ticket = Field(gt=0)
     order: int = Field(0, ge=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -75,7 +75,23 @@ def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> Any:
     return value
 
 
-class TradeEvent(BaseModel):
+class ExactJson(BaseModel):
+    """A model whose JSON numbers are read as exact decimals, never through a float."""
+
+    max_bytes: ClassVar[int] = MAX_EVENT_BYTES
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, *, strict: bool | None = None,
+                            context: Any | None = None, **kwargs: Any) -> Self:
+        if len(json_data) > cls.max_bytes:
+            raise ValidationFailed(f"payload of {len(json_data)} bytes exceeds {cls.max_bytes}")
+        data = parse_json(json_data)
+        if not isinstance(data, dict):
+            raise ValidationFailed(f"a {cls.__name__} is a JSON object, not {type(data).__name__}")
+        return cls.model_validate(data, strict=strict, context=context)
+
+
+class TradeEvent(ExactJson):
     """A fill (`kind="fill"`) or a cash flow (`deposit`, `withdrawal`) of one account."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
@@ -125,17 +141,6 @@ class TradeEvent(BaseModel):
             if value is not None and not _fits(value):
                 raise ValueError(f"{name}: {value} has more than {_MAX_EXPONENT} decimal places")
         return self
-
-    @classmethod
-    def model_validate_json(cls, json_data: str | bytes | bytearray, *, strict: bool | None = None,
-                            context: Any | None = None, **kwargs: Any) -> TradeEvent:
-        """Parse with every JSON number as a Decimal (never a float), then validate."""
-        if len(json_data) > MAX_EVENT_BYTES:
-            raise ValidationFailed(f"payload of {len(json_data)} bytes exceeds {MAX_EVENT_BYTES}")
-        data = parse_json(json_data)
-        if not isinstance(data, dict):
-            raise ValidationFailed(f"a TRADE_EVENT is a JSON object, not {type(data).__name__}")
-        return cls.model_validate(data, strict=strict, context=context)
 
     @property
     def account(self) -> str:

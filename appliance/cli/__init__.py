@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -271,6 +272,62 @@ def _cmd_simulate_trades(args: argparse.Namespace) -> int:
     return _send_events(list(simulated_trades(args.n, args.account, seed=args.seed)), args.timeout)
 
 
+def _cmd_simulate_mt5(args: argparse.Namespace) -> int:
+    """An MT5 expert advisor, simulated: the device's own credentials, the EA's protocol."""
+    import logging
+
+    from appliance import logging as circles_logging
+    from appliance.bus.mqtt311 import Address
+    from appliance.mt5_sim import Simulator
+    from appliance.security.secrets import read_secret
+
+    settings = load_settings()
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = read_secret(f"mqtt-{args.account}", settings.state_dir) or ""
+    if not password:
+        raise OperationalError(
+            f"no password for {args.account}: no secret mqtt-{args.account} in "
+            f"{settings.state_dir} (add the device with `circles device add {args.account} "
+            "--kind mt5`), and no --password-stdin")
+    circles_logging.redact(password)
+    bus = settings.bus
+    address = Address(bus.host, bus.port, args.account, password, bus.tls, bus.ca_file)
+    queue = args.queue or settings.state_dir / "mt5-sim" / f"{args.account}.queue"
+    if args.log_json:  # as the services log: `circles up` keeps it with theirs
+        circles_logging.setup(args.account, environment=settings.environment,
+                              journal_socket=settings.log.journal_socket)
+    else:
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("circles.mt5-sim")
+        logger.addHandler(out)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+    async def main() -> int:
+        sim = Simulator(args.account, address, queue, seed=args.seed,
+                        gmt_offset_s=args.gmt_offset_s, skip=args.skip,
+                        resend_after_s=args.resend_after, heartbeat_s=args.heartbeat_every,
+                        snapshot_every_s=args.snapshot_every, reconnect_max_s=args.reconnect_max)
+        await sim.start(wait=False)
+        work = asyncio.create_task(sim.generate(args.deals, args.every))
+        # SIGTERM (systemd, `circles up`) stops it as Ctrl-C does: offline, then DISCONNECT.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, work.cancel)
+        try:
+            made = await work
+            await sim.wait_acked()
+            print(f"{made} deals made; every deal sent was acknowledged")
+        except asyncio.CancelledError:
+            return 0
+        finally:
+            await sim.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
 def _cmd_send_test_trade(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
     from decimal import Decimal
@@ -378,6 +435,29 @@ def parser() -> argparse.ArgumentParser:
     trades.add_argument("--seed", type=int, help="the same events every time (ids included)")
     trades.add_argument("--timeout", type=float, default=120.0)
     trades.set_defaults(func=_cmd_simulate_trades)
+    mt5 = simsub.add_parser("mt5", help="an MT5 expert advisor: deals over its own MQTT 3.1.1 "
+                                        "connection, store and forward (docs/mt5_protocol.md)")
+    mt5.add_argument("--account", required=True, help="the mt5 device (circles device add)")
+    mt5.add_argument("--deals", type=int, help="stop once this many deals are made and acked "
+                                               "(default: run until Ctrl-C)")
+    mt5.add_argument("--every", type=float, default=2.0, help="seconds between deals")
+    mt5.add_argument("--seed", type=int, help="the same deals every time")
+    mt5.add_argument("--skip", type=int, nargs="+", action="extend", default=[],
+                     metavar="TICKET", help="deals kept in the history but never sent")
+    mt5.add_argument("--queue", type=Path, help="the queue file "
+                                               "(default <state>/mt5-sim/<account>.queue)")
+    mt5.add_argument("--password-stdin", action="store_true",
+                     help="read the device's password from stdin (default: its secret)")
+    mt5.add_argument("--gmt-offset-s", type=int, default=7200, help="the trade server's offset")
+    mt5.add_argument("--resend-after", type=float, default=10.0,
+                     help="seconds before a deal without an ack is sent again")
+    mt5.add_argument("--heartbeat-every", type=float, default=30.0)
+    mt5.add_argument("--snapshot-every", type=float, default=900.0)
+    mt5.add_argument("--reconnect-max", type=float, default=60.0,
+                     help="longest wait between two connection attempts")
+    mt5.add_argument("--log-json", action="store_true",
+                     help="log as the services do (JSON lines on stderr, or the journal)")
+    mt5.set_defaults(func=_cmd_simulate_mt5)
 
     test = sub.add_parser("send-test-trade", help="one TRADE_EVENT through the trade logger")
     test.add_argument("--account", default="demo")
