@@ -22,14 +22,8 @@ from appliance.bus import MqttBus, registry
 from appliance.bus.mqtt311 import Address
 from appliance.bus.mt5 import MT5Ack, MT5Deal, MT5Heartbeat, MT5Resend, MT5Snapshot
 from appliance.bus.payloads import TradingHalt
-from appliance.mt5_sim import (
-    FIRST_TICKET,
-    Simulator,
-    Terminal,
-    TradingHalted,
-    deal_json,
-    parse_deal,
-)
+from appliance.mt5_sim import Simulator, TradingHalted
+from appliance.mt5_terminal import FIRST_TICKET, Terminal, deal_json, parse_deal
 from appliance.security.devices import Device
 from tests.helpers import TESTER, TestBroker, circles
 from tests.test_mt5_wire import add_ea_device
