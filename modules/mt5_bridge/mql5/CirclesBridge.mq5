@@ -217,8 +217,9 @@ void OnHalt(const string payload) {
    bool halted = false;
    // An empty retained message means the halt was cleared from the broker: nothing halted.
    if(payload != "" && !CbJsonBool(payload, "halted", halted)) {
-      Print("Circles bridge: unreadable halt message, keeping the previous state: ", payload);
-      return;
+      // Fail safe, as the simulator does: a halt that cannot be read is a halt.
+      Print("Circles bridge: unreadable halt message, halting to be safe: ", payload);
+      halted = true;
    }
    g_haltBy = CbJsonText(payload, "by");
    g_haltReason = CbJsonText(payload, "reason");
