@@ -41,6 +41,7 @@ from appliance.mt5_terminal import (
 )
 
 log = logging.getLogger("circles.mt5-sim")
+RESEND_MAX_S = 300.0
 
 
 # -- the expert advisor -----------------------------------------------------------------------
@@ -85,6 +86,7 @@ class Simulator:
         self.halt: TradingHalt | None = None
         self.resent = 0
         self._sent_at: dict[int, float] = {}
+        self._tries: dict[int, int] = {}  # re-sends of each queued deal
         self._lock = asyncio.Lock()  # queue, queue file and publishing, one at a time
         self._changed = asyncio.Condition()
         self._client: Client | None = None
@@ -393,14 +395,18 @@ class Simulator:
     async def _resend_unacked(self) -> None:
         now = time.monotonic()
         async with self._lock:
+            # Each deal waits twice as long after each try (up to RESEND_MAX_S): a box that
+            # is down for hours must not fill the broker's queues with copies.
             due = [d for t, d in self.queue.items()
-                   if now - self._sent_at.get(t, float("-inf")) >= self.resend_after_s]
+                   if now - self._sent_at.get(t, float("-inf"))
+                   >= min(self.resend_after_s * 2 ** self._tries.get(t, 0), RESEND_MAX_S)]
             for deal in due:
+                self._tries[deal.ticket] = self._tries.get(deal.ticket, 0) + 1
                 await self._publish(deal)
             if due and self._ready:
                 self.resent += len(due)
-                log.info("%d deals without an ack after %g s sent again: %s", len(due),
-                         self.resend_after_s, [d.ticket for d in due])
+                log.info("%d deals without an ack sent again: %s", len(due),
+                         [d.ticket for d in due])
 
     async def _receive(self, client: Client) -> None:
         async for message in client.messages():
@@ -444,6 +450,7 @@ class Simulator:
             for ticket in done:
                 del self.queue[ticket]
                 self._sent_at.pop(ticket, None)
+                self._tries.pop(ticket, None)
         log.info("acked %s; %d deals still queued", ", ".join(map(str, done)), len(self.queue))
         async with self._changed:
             self._changed.notify_all()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bus.mt5 import MT5Deal
+from appliance.errors import ValidationFailed
 from appliance.files import write_atomically
 
 log = logging.getLogger("circles.mt5-sim")
@@ -71,11 +72,6 @@ def deal_json(deal: MT5Deal) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def parse_deal(line: str | bytes) -> MT5Deal:
-    """A deal from its JSON text, its numbers read as exact decimals."""
-    return MT5Deal.model_validate(json.loads(line, parse_float=Decimal))
-
-
 def read_deals(path: Path) -> list[MT5Deal]:
     deals: dict[int, MT5Deal] = {}
     if not path.exists():
@@ -84,8 +80,8 @@ def read_deals(path: Path) -> list[MT5Deal]:
         if not line.strip():
             continue
         try:
-            deal = parse_deal(line)
-        except ValueError as exc:  # a line torn by a crash while it was appended
+            deal = MT5Deal.model_validate_json(line)
+        except (ValueError, ValidationFailed) as exc:  # a line torn by a crash while appended
             log.warning("%s line %d unreadable, skipped: %s", path, number, exc)
             continue
         deals[deal.ticket] = deal

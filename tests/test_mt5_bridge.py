@@ -20,7 +20,7 @@ from appliance.bus.mqtt311 import Address
 from appliance.bus.mt5 import MT5Ack, MT5Deal, MT5Gaps, MT5Resend, MT5Snapshot
 from appliance.bus.payloads import DeadLetter
 from appliance.bus.trade_event import TradeEvent
-from appliance.errors import ValidationFailed
+from appliance.errors import TemporaryError, ValidationFailed
 from appliance.mt5_sim import Simulator
 from modules.mt5_bridge.normalise import to_event
 from tests.helpers import Collector, ServiceProcess, TestBroker
@@ -82,12 +82,46 @@ def test_deals_normalise_to_trade_events() -> None:
         ("buy", Decimal(2), Decimal(1000), Decimal(5))
     assert reverse.extra["entry"] == "inout" and close.extra["ticket"] == 7
     assert (withdrawal.kind, withdrawal.qty) == ("withdrawal", Decimal(500))
-    # The sum the issue names: profit + commission + swap + fee, for every deal.
+    # The ledger's net of every fill is MT5's profit + commission + swap + fee.
     for raw, event in zip(SESSION, events, strict=True):
         if event.kind == "fill":
             net = Decimal(str(raw["profit"])) + Decimal(str(raw["commission"])) \
                 + Decimal(str(raw["swap"])) + Decimal(str(raw["fee"]))
             assert event.realized_pnl - event.fee == net  # type: ignore[operator]
+
+
+# Lines as the EA's CbDealJson writes them: each number with its own digits.
+RECORDED = [
+    '{"ticket":50012,"order":61020,"position":61020,"symbol":"EURUSD","type":"buy","entry":"in",'
+    '"volume":0.10,"price":1.08512,"profit":0.00,"commission":-0.70,"swap":0.00,"fee":0.00,'
+    '"magic":1001,"reason":"expert","time_msc":1763740800123,"gmt_offset_s":7200,'
+    '"currency":"USD","comment":"","login":5001234}',
+    '{"ticket":50013,"order":61021,"position":61020,"symbol":"EURUSD","type":"sell",'
+    '"entry":"out_by","volume":0.10,"price":1.08530,"profit":1.80,"commission":-0.00,'
+    '"swap":-0.00,"fee":0.00,"magic":1001,"reason":"expert","time_msc":1763740860456,'
+    '"gmt_offset_s":7200,"currency":"USD","comment":"close by #61019","login":5001234,'
+    '"spread":3}',
+]
+
+
+def test_recorded_ea_lines_normalise_with_their_digits() -> None:
+    opened, closed_by = (to_event("ea-1", MT5Deal.model_validate_json(line)) for line in RECORDED)
+    assert str(opened.qty) == "0.10" and str(opened.price) == "1.08512"
+    assert (opened.fee, opened.realized_pnl, opened.fee_currency) == \
+        (Decimal("0.70"), Decimal("0.00"), None)
+    assert opened.ts == datetime(2025, 11, 21, 14, 0, 0, 123000, tzinfo=UTC)
+    # `out_by` (closed by an opposite position) is a fill like any other; a key the EA added
+    # (`spread`) is ignored, never a reason to refuse the deal.
+    assert (closed_by.side, closed_by.realized_pnl, closed_by.fee) == \
+        ("sell", Decimal("1.80"), Decimal(0))
+    assert closed_by.extra["entry"] == "out_by" and closed_by.extra["comment"] == "close by #61019"
+
+
+def test_a_deal_ahead_of_the_box_clock_is_not_refused() -> None:
+    ahead = deal(1, "buy", symbol="EURUSD", volume=0.1, price=1.1,
+                 time_msc=int((datetime.now(UTC).timestamp() + OFFSET + 3600) * 1000))
+    with pytest.raises(TemporaryError, match="ahead of this box's clock"):
+        to_event("a", MT5Deal.model_validate(ahead))
 
 
 def test_a_rebate_is_profit_and_odd_deals_are_refused() -> None:
@@ -260,9 +294,9 @@ async def test_the_simulated_ea_through_the_bridge_into_the_ledger(
 
         watch.messages.clear()  # the snapshot sent at connect found nothing missing
         await sim.send_snapshot()
-        gaps = await watch.wait(lambda ms: [MT5Gaps.model_validate_json(m.payload) for m in ms
-                                            if m.topic.endswith("/gaps") and m.payload], 20,
-                                "the gap found")
+        gaps = await watch.wait(lambda ms: [g for m in ms if m.topic.endswith("/gaps") and m.payload
+                                            and (g := MT5Gaps.model_validate_json(m.payload)).missing],
+                                20, "the gap found")
         assert gaps[-1].missing == [skipped]
         tickets = [d.ticket for d in made]
         for _ in range(100):  # resent by the EA, committed, confirmed

@@ -23,7 +23,7 @@ from appliance.bus.mqtt311 import Address
 from appliance.bus.mt5 import MT5Ack, MT5Deal, MT5Heartbeat, MT5Resend, MT5Snapshot
 from appliance.bus.payloads import TradingHalt
 from appliance.mt5_sim import Simulator, TradingHalted
-from appliance.mt5_terminal import FIRST_TICKET, Terminal, deal_json, parse_deal
+from appliance.mt5_terminal import FIRST_TICKET, Terminal, deal_json
 from appliance.security.devices import Device
 from tests.helpers import TESTER, TestBroker, circles
 from tests.test_mt5_wire import add_ea_device
@@ -98,7 +98,7 @@ def queued_tickets(path: Path) -> list[int]:
     """The tickets in a queue file, as the simulator (or the EA) wrote it."""
     if not path.exists():
         return []
-    return [parse_deal(line).ticket for line in path.read_text().splitlines() if line.strip()]
+    return [MT5Deal.model_validate_json(line).ticket for line in path.read_text().splitlines() if line.strip()]
 
 
 def simulator(broker: TestBroker, device: Device, queue: Path, **kw: Any) -> Simulator:
@@ -161,7 +161,7 @@ def test_generated_deals_are_realistic_and_the_same_for_the_same_seed() -> None:
     # Written with each number's decimals, and read back exactly.
     line = deal_json(eurusd)
     assert re.search(r'"price": \d\.\d{5},', line) and re.search(r'"volume": \d+\.\d\d,', line)
-    assert parse_deal(line) == eurusd and deal_json(parse_deal(line)) == line
+    assert MT5Deal.model_validate_json(line) == eurusd and deal_json(MT5Deal.model_validate_json(line)) == line
 
 
 def test_an_open_deal_is_written_as_the_protocol_shows_it() -> None:

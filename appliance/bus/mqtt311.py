@@ -294,7 +294,7 @@ class Client:
         self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
         self._pings: list[asyncio.Future[None]] = []
         self._ping_sent: float | None = None
-        self._last_sent = 0.0
+        self._last_sent = self._last_received = 0.0
         self._incoming: asyncio.Queue[Publish | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
@@ -342,6 +342,7 @@ class Client:
             raise OperationalError(f"broker refused the connection: {reason}")
         loop = asyncio.get_running_loop()
         self._connected, self._last_sent = True, loop.time()
+        self._last_received = self._last_sent
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._keep_alive())]
         return packet
 
@@ -454,6 +455,7 @@ class Client:
         try:
             while True:
                 packet = await read_packet(self._reader)
+                self._last_received = asyncio.get_running_loop().time()
                 if isinstance(packet, Publish):
                     self._incoming.put_nowait(packet)
                     if packet.qos == 1 and packet.packet_id is not None:
@@ -478,8 +480,9 @@ class Client:
             self._lose(exc)
 
     async def _keep_alive(self) -> None:
-        """PINGREQ when nothing was sent for half the keep alive; a PINGRESP missing for a
-        whole keep alive means the connection is dead."""
+        """PINGREQ when nothing was sent, or nothing received, for half the keep alive (a
+        client that keeps publishing would otherwise never learn that the broker went
+        silent); a PINGRESP missing for a whole keep alive means the connection is dead."""
         if not self.keepalive:
             return
         loop, half = asyncio.get_running_loop(), self.keepalive / 2
@@ -489,7 +492,7 @@ class Client:
                 if self._ping_sent is not None and now - self._ping_sent >= self.keepalive:
                     self._lose(ConnectionLost(f"no PINGRESP within {self.keepalive} s"))
                     return
-                if self._ping_sent is None and now - self._last_sent >= half:
+                if self._ping_sent is None and now - min(self._last_sent, self._last_received) >= half:
                     await self._send_ping()
                 await asyncio.sleep(min(1.0, half / 4))
         except TemporaryError:

@@ -6,18 +6,20 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from appliance.bus.payloads import Payload
 from appliance.bus.trade_event import ExactJson
 
 Ticket = int
 MAX_TICKETS = 5000
-Name = Field(max_length=64)
 
 
 class MT5Deal(ExactJson, Payload):
-    """One deal of the terminal's history, as `HistoryDeal*` reads it; its numbers exact."""
+    """One deal of the terminal's history, as `HistoryDeal*` reads it; its numbers exact.
+    Keys a newer EA adds are ignored: a deal must never be refused for carrying more."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     ticket: Ticket = Field(gt=0)
     order: int = Field(0, ge=0)

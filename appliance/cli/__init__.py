@@ -277,6 +277,7 @@ def _cmd_simulate_mt5(args: argparse.Namespace) -> int:
     import logging
 
     from appliance import logging as circles_logging
+    from appliance.bus.admin import client_secret
     from appliance.bus.mqtt311 import Address
     from appliance.mt5_sim import Simulator
     from appliance.security.secrets import read_secret
@@ -285,10 +286,10 @@ def _cmd_simulate_mt5(args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = read_secret(f"mqtt-{args.account}", settings.state_dir) or ""
+        password = read_secret(client_secret(args.account), settings.state_dir) or ""
     if not password:
         raise OperationalError(
-            f"no password for {args.account}: no secret mqtt-{args.account} in "
+            f"no password for {args.account}: no secret {client_secret(args.account)} in "
             f"{settings.state_dir} (add the device with `circles device add {args.account} "
             "--kind mt5`), and no --password-stdin")
     circles_logging.redact(password)
@@ -312,11 +313,12 @@ def _cmd_simulate_mt5(args: argparse.Namespace) -> int:
                         resend_after_s=args.resend_after, heartbeat_s=args.heartbeat_every,
                         snapshot_every_s=args.snapshot_every, reconnect_max_s=args.reconnect_max)
         await sim.start(wait=False)
-        work = asyncio.create_task(sim.generate(args.deals, args.every))
         # SIGTERM (systemd, `circles up`) stops it as Ctrl-C does: offline, then DISCONNECT.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, work.cancel)
+        this = asyncio.current_task()
+        assert this is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
         try:
-            made = await work
+            made = await sim.generate(args.deals, args.every)
             await sim.wait_acked()
             print(f"{made} deals made; every deal sent was acknowledged")
         except asyncio.CancelledError:

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from appliance.bus.mt5 import MT5Deal
 from appliance.bus.topics import describe
-from appliance.bus.trade_event import TradeEvent
-from appliance.errors import ValidationFailed
+from appliance.bus.trade_event import MAX_FUTURE, TradeEvent
+from appliance.errors import TemporaryError, ValidationFailed
 
 FILLS = ("buy", "sell")
 CASH_FLOWS = ("balance", "credit", "bonus", "correction")
@@ -40,8 +40,13 @@ def ticket_of(account: str, event_id: str) -> int | None:
 
 def to_event(account: str, deal: MT5Deal) -> TradeEvent:
     """The TRADE_EVENT of a deal; ValidationFailed when the deal is not one the ledger keeps
-    (a cancelled deal, a fill of no volume)."""
+    (a cancelled deal, a fill of no volume), TemporaryError when it cannot be kept yet."""
     ts = datetime.fromtimestamp(deal.time_msc / 1000 - deal.gmt_offset_s, UTC)
+    if ts - datetime.now(UTC) > MAX_FUTURE:
+        # Not the deal's fault: this box's clock may not be set yet (a Pi without a
+        # real-time clock before NTP). Refusing it would make the EA drop it for good.
+        raise TemporaryError(f"deal {deal.ticket}: its time {ts.isoformat()} is ahead of this "
+                             "box's clock; it will come again")
     extra: dict[str, Any] = {"ticket": deal.ticket, "type": deal.type, "entry": deal.entry,
                              "reason": deal.reason, "magic": deal.magic,
                              "profit": deal.profit, "commission": deal.commission,
@@ -59,7 +64,8 @@ def to_event(account: str, deal: MT5Deal) -> TradeEvent:
             fee, realized = (-charges, gross) if charges <= 0 else (Decimal(0), gross + charges)
             return TradeEvent(
                 kind="fill", side=deal.type, symbol=deal.symbol, qty=deal.volume,
-                price=deal.price, fee=fee, fee_currency=deal.currency, realized_pnl=realized,
+                # The fee is in the account currency (fee_currency names no asset of the symbol).
+                price=deal.price, fee=fee, realized_pnl=realized,
                 strategy_id=f"magic-{deal.magic}" if deal.magic else "manual",
                 order_id=str(deal.order) if deal.order else None,
                 position_id=str(deal.position) if deal.position else None, **common)

@@ -26,7 +26,7 @@ from appliance.bus.mt5 import MT5Ack, MT5Gaps, MT5Heartbeat, MT5Resend, MT5Snaps
 from appliance.bus.payloads import CommandRequest, utcnow
 from appliance.bus.trade_event import TradeAck
 from appliance.config import Section
-from appliance.errors import CirclesError, ValidationFailed
+from appliance.errors import CirclesError, TemporaryError, ValidationFailed
 from appliance.files import write_atomically
 from appliance.runtime import Service, subscribe
 from modules.mt5_bridge.normalise import event_id, ticket_of, to_event
@@ -34,6 +34,7 @@ from modules.mt5_bridge.normalise import event_id, ticket_of, to_event
 log = logging.getLogger("circles.mt5_bridge")
 LEDGER = "trade-logger"
 MAX_REFUSED = 10_000  # per account; the oldest tickets are forgotten first
+KNOWN_CHUNK = 1000  # event ids per `known` request
 
 
 class MT5BridgeSettings(Section):
@@ -44,8 +45,8 @@ class MT5BridgeSettings(Section):
 
 
 @dataclass
-class Terminal:
-    """What the bridge knows of one EA."""
+class EA:
+    """What the bridge knows of one expert advisor (one terminal's account)."""
 
     status: str | None = None  # its retained status: online / offline (its will)
     since: str | None = None
@@ -59,7 +60,7 @@ class MT5BridgeService(Service):
     Settings = MT5BridgeSettings
 
     async def start(self) -> None:
-        self.terminals: dict[str, Terminal] = {}
+        self.terminals: dict[str, EA] = {}
         self.checks: dict[str, asyncio.Task[None]] = {}  # account → its snapshot's check
         self.sent = 0
         # Deals refused for good stay in the terminal's history: remembered, so that a
@@ -80,8 +81,8 @@ class MT5BridgeService(Service):
         self.refused_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.refused_file, lambda out: out.write(data))
 
-    def terminal(self, account: str) -> Terminal:
-        return self.terminals.setdefault(account, Terminal())
+    def terminal(self, account: str) -> EA:
+        return self.terminals.setdefault(account, EA())
 
     # -- deals ----------------------------------------------------------------------------
     @subscribe(registry.MT5_DEAL, batch=True)
@@ -92,6 +93,10 @@ class MT5BridgeService(Service):
             account = msg.params["account"]
             try:
                 event = to_event(account, msg.data)
+            except TemporaryError as exc:  # no answer: the EA sends it again later
+                log.warning("deal not forwarded yet", extra={"account": account,
+                                                             "error": str(exc)})
+                continue
             except ValidationFailed as exc:
                 await self.bus.dead_letter(msg.message, str(exc))
                 await self.ack(account, rejected=[RejectedDeal(ticket=msg.data.ticket,
@@ -147,24 +152,32 @@ class MT5BridgeService(Service):
         if (running := self.checks.get(account)) is not None:
             running.cancel()
         self.checks[account] = asyncio.create_task(self.check(account, msg.data))
+        self.checks[account].add_done_callback(self._checked)
+
+    @staticmethod
+    def _checked(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("snapshot check failed", exc_info=error)
 
     async def check(self, account: str, snapshot: MT5Snapshot) -> None:
         """Deals of the terminal's history that are neither in the ledger nor in the EA's
         queue: published on `gaps`, and asked for again."""
         candidates = sorted(set(snapshot.tickets) - set(snapshot.pending)
                             - self.refused.get(account, set()))
+        known: set[int | None] = set()
         try:
-            reply = await self.bus.request(LEDGER, "known", {
-                "account": account, "source": "mt5",
-                "event_ids": [event_id(account, t) for t in candidates]},
-                timeout=self.config.ledger_timeout_s)
-            if not reply.ok:
-                raise CirclesError(reply.error or "refused")
+            for i in range(0, len(candidates), KNOWN_CHUNK):  # well under the payload limit
+                reply = await self.bus.request(LEDGER, "known", {
+                    "account": account, "source": "mt5",
+                    "event_ids": [event_id(account, t) for t in candidates[i:i + KNOWN_CHUNK]]},
+                    timeout=self.config.ledger_timeout_s)
+                if not reply.ok:
+                    raise CirclesError(reply.error or "refused")
+                known.update(ticket_of(account, e) for e in reply.result["known"])
         except CirclesError as exc:
             log.warning("snapshot not compared with the ledger",
                         extra={"account": account, "error": str(exc)})
             return
-        known = {ticket_of(account, e) for e in reply.result["known"]}
         missing = [t for t in candidates if t not in known]
         self.terminal(account).gaps = missing
         await self.bus.send(registry.MT5_GAPS, MT5Gaps(
@@ -195,7 +208,7 @@ class MT5BridgeService(Service):
         terminal = self.terminal(msg.params["account"])
         terminal.heartbeat, terminal.heard_at = msg.data, time.monotonic()
 
-    def online(self, terminal: Terminal) -> bool:
+    def online(self, terminal: EA) -> bool:
         """Online by its status, and not silent longer than the heartbeat timeout."""
         fresh = terminal.heard_at is None or \
             time.monotonic() - terminal.heard_at < self.config.heartbeat_timeout_s

@@ -19,6 +19,7 @@ input int    InpSnapshotMinutes = 15;           // Snapshot of recent history ev
 input int    InpSnapshotDays    = 7;            // Days of history in a snapshot
 
 #define RESEND_MS        ((ulong)10000)
+#define RESEND_MAX_MS    ((ulong)300000)
 #define HEARTBEAT_MS     ((ulong)30000)
 #define PING_IDLE_MS     ((ulong)30000)
 #define PING_TIMEOUT_MS  ((ulong)30000)
@@ -136,7 +137,7 @@ void OnTradeTransaction(const MqlTradeTransaction &trans, const MqlTradeRequest 
 bool AddDeal(const ulong ticket, const bool live) {
    if(!HistoryDealSelect(ticket)) return false;
    int i = CbQueueFind(g_queue, ticket);
-   if(i >= 0) g_queue[i].sentAt = 0;
+   if(i >= 0) { g_queue[i].sentAt = 0; g_queue[i].tries = 0; }
    else {
       string json = CbDealJson(ticket);
       if(!CbQueueAppend(g_queuePath, json))
@@ -159,12 +160,15 @@ void RetryUnselected(const ulong now) {
    }
 }
 
-// Publishes what is due: new deals, and those the ledger has not confirmed within 10 s
-// (with a new packet id: the ledger stores a deal once however often it comes).
+// Publishes what is due: new deals, and those the ledger has not confirmed within 10 s,
+// then 20, 40… up to 5 minutes (with a new packet id: the ledger stores a deal once however
+// often it comes).
 void PublishDue(const ulong now) {
    int sent = 0;
    for(int i = 0; i < ArraySize(g_queue) && sent < PUBLISH_PER_TICK; i++) {
-      if(g_queue[i].sentAt != 0 && now - g_queue[i].sentAt < RESEND_MS) continue;
+      ulong wait = MathMin(RESEND_MS << MathMin(g_queue[i].tries, 5), RESEND_MAX_MS);
+      if(g_queue[i].sentAt != 0 && now - g_queue[i].sentAt < wait) continue;
+      if(g_queue[i].sentAt != 0) g_queue[i].tries++;
       ushort id;
       if(!g_mqtt.Publish(g_tDeal, g_queue[i].json, 1, false, id)) { Drop("sending a deal failed"); return; }
       g_queue[i].sentAt = now;
@@ -227,6 +231,7 @@ void OnHalt(const string payload) {
       PrintFormat("Circles bridge: trading %s by %s: %s", halted ? "HALTED" : "resumed", g_haltBy, g_haltReason);
    g_halted = halted;
    GlobalVariableSet(CB_HALT_GV, halted ? 1.0 : 0.0);
+   GlobalVariablesFlush();   // else only a clean terminal shutdown writes it to disk
 }
 
 bool Manages(const long magic) {
@@ -250,7 +255,13 @@ void EnforceHalt(const ulong deal) {
       if(ticket == 0 || PositionGetInteger(POSITION_IDENTIFIER) != positionId) continue;
       g_trade.SetExpertMagicNumber((ulong)magic);   // the close is booked to the same strategy
       g_trade.SetTypeFillingBySymbol(PositionGetString(POSITION_SYMBOL));
-      bool ok = g_trade.PositionClose(ticket);
+      // Netting: the deal may have added to a position opened before the halt; only
+      // what the deal added is taken back. Hedging: the deal's position is its own.
+      bool netting = AccountInfoInteger(ACCOUNT_MARGIN_MODE) == ACCOUNT_MARGIN_MODE_RETAIL_NETTING
+                     || AccountInfoInteger(ACCOUNT_MARGIN_MODE) == ACCOUNT_MARGIN_MODE_EXCHANGE;
+      double added = HistoryDealGetDouble(deal, DEAL_VOLUME);
+      bool ok = netting && entry == DEAL_ENTRY_IN && added < PositionGetDouble(POSITION_VOLUME)
+                ? g_trade.PositionClosePartial(ticket, added) : g_trade.PositionClose(ticket);
       PrintFormat("Circles bridge: trading is halted; deal %I64u (magic %I64d) opened position %I64u: %s (%s)",
                   deal, magic, ticket, ok ? "closed it" : "closing it FAILED", g_trade.ResultRetcodeDescription());
       return;
@@ -322,9 +333,12 @@ void OnConnack(const uchar &body[]) {
    CbMqttSubscribe(pkt, g_mqtt.NextId(), topics, 1);
    if(!ok || !g_mqtt.Send(pkt)) { Drop("sending after CONNACK failed"); return; }
    PrintFormat("Circles bridge: connected to %s:%d as %s", InpHost, InpPort, InpUsername);
-   // A clean session keeps nothing in the broker: all that still waits goes again.
-   for(int i = 0; i < ArraySize(g_queue); i++) g_queue[i].sentAt = 0;
-   SendSnapshot(GetTickCount64());
+   // A clean session keeps nothing in the broker: all that still waits goes again, first
+   // (docs/mt5_protocol.md), then the snapshot.
+   for(int i = 0; i < ArraySize(g_queue); i++) { g_queue[i].sentAt = 0; g_queue[i].tries = 0; }
+   ulong now = GetTickCount64();
+   PublishDue(now);
+   SendSnapshot(now);
 }
 
 void OnPublish(const int flags, const uchar &body[]) {

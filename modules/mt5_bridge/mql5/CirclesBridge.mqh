@@ -573,6 +573,8 @@ struct CbQueued {
    ulong  sentAt;     // GetTickCount64() of the last publish; 0: due now
    ushort packetId;   // of the last publish
    bool   brokerHas;  // its PUBACK came (the ledger may still not have it)
+   int    tries;      // re-sends so far: each waits twice as long (a box down for hours
+                      // must not fill the broker's queues with copies)
 };
 
 int CbQueueFind(const CbQueued &q[], const ulong ticket) {
@@ -589,6 +591,7 @@ void CbQueuePush(CbQueued &q[], const ulong ticket, const string json) {
    q[n].sentAt = 0;
    q[n].packetId = 0;
    q[n].brokerHas = false;
+   q[n].tries = 0;
 }
 
 void CbQueueLoad(const string path, CbQueued &q[]) {
