@@ -278,6 +278,8 @@ async def test_the_simulated_ea_through_the_bridge_into_the_ledger(
     deal that never left the terminal is found by the snapshot and recovered."""
     device = await add_ea_device(broker)
     assert device.password
+    # A halt left retained on the session's broker by another test would refuse the opens.
+    await desk.ea.publish(str(registry.TRADING_HALT.topic()), b"", retain=True, wait=True)
     watch = await Collector.start(broker, f"circles/mt5/{device.name}/#")
     sim = Simulator(device.name, Address("127.0.0.1", broker.port, device.name, device.password),
                     tmp_path / "ea.queue", seed=3, resend_after_s=2.0, reconnect_max_s=1.0,
