@@ -24,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from appliance.bus import registry
+from appliance.bus import OFFLINE, ONLINE, registry
 from appliance.bus.mqtt311 import Address, Client, Publish, Will
 from appliance.bus.mt5 import MAX_TICKETS, MT5Deal, MT5Heartbeat, MT5Snapshot
 from appliance.bus.payloads import TradingHalt
@@ -326,7 +326,7 @@ class Simulator:
         """One connection, from CONNECT until it drops; True if it was made."""
         status = str(registry.MT5_STATUS.topic(account=self.account))
         client = Client(self.address, f"circles-ea-{self.account}",
-                        will=Will(status, b"offline", registry.MT5_STATUS.qos,
+                        will=Will(status, OFFLINE.encode(), registry.MT5_STATUS.qos,
                                   registry.MT5_STATUS.retained),
                         keepalive=self.keepalive_s, clean_session=True)
         await client.connect()
@@ -334,7 +334,7 @@ class Simulator:
         try:
             log.info("connected to %s:%d as %s", self.address.host, self.address.port,
                      self.address.username)
-            await client.publish(status, "online", qos=registry.MT5_STATUS.qos,
+            await client.publish(status, ONLINE, qos=registry.MT5_STATUS.qos,
                                  retain=registry.MT5_STATUS.retained, wait=True)
             await client.subscribe([
                 (str(registry.MT5_ACK.topic(account=self.account)), 1),
@@ -363,7 +363,7 @@ class Simulator:
             if self._stop.is_set():
                 self._ready = False
                 with contextlib.suppress(TemporaryError):
-                    await client.publish(status, "offline", qos=registry.MT5_STATUS.qos,
+                    await client.publish(status, OFFLINE, qos=registry.MT5_STATUS.qos,
                                          retain=registry.MT5_STATUS.retained, wait=True, timeout=5)
                 log.info("offline, disconnecting")
             else:

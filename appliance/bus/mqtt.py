@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.bus.base import BaseBus
 from appliance.bus.message import Message
+from appliance.bus.mqtt311 import encode_length
 from appliance.bus.topics import Filter
 from appliance.errors import AuthError, TemporaryError
 
@@ -56,15 +57,6 @@ def _utf8(value: str | bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        value, byte = divmod(value, 128)
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 class _PublishProperties(Properties):
     """The PUBLISH properties we send (response topic, correlation data, user properties),
     packed once, byte for byte as paho would: paho's generic Properties costs ~80 µs per
@@ -85,7 +77,7 @@ class _PublishProperties(Properties):
             if value:
                 body += b"\x26" + _utf8(key) + _utf8(value)
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "_packed", _varint(len(body)) + bytes(body))
+        object.__setattr__(self, "_packed", encode_length(len(body)) + bytes(body))
 
     def pack(self) -> bytes:
         return self._packed

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def utcnow() -> str:
@@ -66,7 +66,22 @@ class HealthState(Payload):
 class HomeState(Payload):
     value: Any
     unit: str | None = None
-    ts: str = Field(default_factory=utcnow)
+    ts: str = Field(default_factory=utcnow, description="ISO 8601 with a time zone")
+
+    @field_validator("ts")
+    @classmethod
+    def _aware(cls, value: str) -> str:
+        try:
+            aware = datetime.fromisoformat(value).tzinfo is not None
+        except ValueError:
+            aware = False
+        if not aware:
+            raise ValueError(f"{value!r} is not an ISO 8601 time with a time zone")
+        return value
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromisoformat(self.ts)
 
 
 class TradingHalt(Payload):

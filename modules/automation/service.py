@@ -23,7 +23,7 @@ from apscheduler.triggers.cron import CronTrigger
 from appliance.bus import new_request_id, registry
 from appliance.bus.base import Bus
 from appliance.bus.message import Received
-from appliance.bus.payloads import CommandRequest
+from appliance.bus.payloads import CommandRequest, HomeState
 from appliance.config import CoreSettings
 from appliance.logging import request_id
 from appliance.runtime import Service, subscribe
@@ -145,14 +145,9 @@ class AutomationService(Service):
     @staticmethod
     def age(msg: Received, now: datetime) -> float | None:
         """How old a home state is by its own time (a status has none)."""
-        ts = getattr(msg.data, "ts", None)
-        try:
-            when = datetime.fromisoformat(ts) if ts else None
-        except ValueError:
+        if not isinstance(msg.data, HomeState):
             return None
-        if when is None or when.tzinfo is None:
-            return None
-        return (now - when).total_seconds()
+        return (now - msg.data.time).total_seconds()
 
     def holds(self, condition: Condition) -> bool:
         return condition.topic in self.values and condition.holds(self.values[condition.topic])

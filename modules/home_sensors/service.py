@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from appliance.bus import registry
+from appliance.bus import OFFLINE, ONLINE, registry
 from appliance.bus.message import Received
 from appliance.bus.payloads import CommandRequest, HomeState, utcnow
 from appliance.errors import ConfigError, TemporaryError, ValidationFailed
@@ -113,7 +113,7 @@ class HomeSensorsService(Service):
             log.info("device online", extra={"device": device.name})
         else:
             log.error("device offline", extra={"device": device.name, "reason": reason})
-        await self.bus.send(registry.HOME_STATUS, "online" if online else "offline",
+        await self.bus.send(registry.HOME_STATUS, ONLINE if online else OFFLINE,
                             device=device.name)
 
     def entities(self) -> list[Entity]:
@@ -199,11 +199,8 @@ class HomeSensorsService(Service):
             value = numeric(state.value)
             if value is None:
                 continue
-            try:
-                ts = datetime.fromisoformat(state.ts).timestamp()
-            except ValueError:
-                raise ValidationFailed(f"ts {state.ts!r} is not an ISO 8601 time") from None
-            rows.append((f"{msg.params['device']}/{msg.params['entity']}", ts, value))
+            rows.append((f"{msg.params['device']}/{msg.params['entity']}",
+                         state.time.timestamp(), value))
         if rows:
             await asyncio.to_thread(self.history.add, rows)
 
@@ -243,7 +240,7 @@ class HomeSensorsService(Service):
             if device.driver is not None:
                 await asyncio.to_thread(device.driver.close)
             if device.online:  # not a last will: a crash leaves it to the service's status
-                await self.bus.send(registry.HOME_STATUS, "offline", device=device.name)
+                await self.bus.send(registry.HOME_STATUS, OFFLINE, device=device.name)
         await asyncio.to_thread(self.history.close)
 
     def status_text(self) -> str:

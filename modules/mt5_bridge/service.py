@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
-from appliance.bus import registry
+from appliance.bus import OFFLINE, ONLINE, registry
 from appliance.bus.message import Message, Received
 from appliance.bus.mt5 import MT5Ack, MT5Gaps, MT5Heartbeat, MT5Resend, MT5Snapshot, RejectedDeal
 from appliance.bus.payloads import CommandRequest, utcnow
@@ -196,8 +196,8 @@ class MT5BridgeService(Service):
         if status is None:  # its retained status deleted: the device is gone
             self.terminals.pop(account, None)
             return
-        if status not in ("online", "offline"):
-            raise ValidationFailed(f"status must be online or offline, not {status!r}")
+        if status not in (ONLINE, OFFLINE):
+            raise ValidationFailed(f"status must be {ONLINE} or {OFFLINE}, not {status!r}")
         terminal = self.terminal(account)
         if terminal.status != status:
             terminal.status, terminal.since = status, utcnow()
@@ -212,7 +212,7 @@ class MT5BridgeService(Service):
         """Online by its status, and not silent longer than the heartbeat timeout."""
         fresh = terminal.heard_at is None or \
             time.monotonic() - terminal.heard_at < self.config.heartbeat_timeout_s
-        return terminal.status == "online" and fresh
+        return terminal.status == ONLINE and fresh
 
     async def cmd_terminals(self, request: CommandRequest) -> list[dict[str, Any]]:
         """Every EA heard of: online (status and heartbeat), since, its queue, whether it
