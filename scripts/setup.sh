@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mosquitto mosquitto-clients python3-venv)
-# The tests start a private PostgreSQL cluster with Debian's server binaries.
-[ "${1:-}" = "dev" ] && packages+=(postgresql)
+# The tests start a private PostgreSQL cluster with Debian's server binaries, and drive
+# Debian's Chromium (the panel's browser tests; Playwright downloads no browser).
+[ "${1:-}" = "dev" ] && packages+=(postgresql chromium)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -196,6 +196,28 @@ def test_lockout_grows_and_a_success_resets_it(box: Box) -> None:
     assert users.get("alice") and users.get("alice").locked_until == last.locked_until  # type: ignore[union-attr]
 
 
+def test_lockout_is_kept_per_address(box: Box) -> None:
+    """Failures from one address lock the name for that address only: the owner still logs
+    in from another, and other names still log in from the failing one (a shared proxy)."""
+    users = box.users
+    users.add("alice", PASSWORD, Role.OPERATOR, actor="cli:t")
+    users.add("bob", PASSWORD, Role.VIEWER, actor="cli:t")
+    results = [users.authenticate("alice", "wrong guess here", source="10.0.0.9")
+               for _ in range(5)]
+    assert results[-1].outcome is Outcome.LOCKED
+    assert users.authenticate("alice", PASSWORD, source="10.0.0.9").outcome is Outcome.LOCKED
+    assert users.authenticate("alice", PASSWORD, source="10.0.0.2").ok
+    assert users.authenticate("bob", PASSWORD, source="10.0.0.9").ok
+    # A wrong current password when changing it counts for its address too.
+    with pytest.raises(AuthError, match="locked"):
+        users.change_password("alice", PASSWORD, "another long passphrase", source="10.0.0.9")
+    users.change_password("alice", PASSWORD, "another long passphrase", source="10.0.0.2")
+    # A name without an account answers the same way, per address.
+    ghost = [users.authenticate("ghost", "wrong guess here", source="10.0.0.9") for _ in range(5)]
+    assert ghost[-1].outcome is Outcome.LOCKED
+    assert users.authenticate("ghost", "x", source="10.0.0.3").outcome is Outcome.REFUSED
+
+
 def test_lockout_is_capped_and_configurable(box: Box) -> None:
     settings = SecuritySettings(lockout_threshold=2, lockout_minutes=10, lockout_max_minutes=25)
     users = box.again(settings=settings)

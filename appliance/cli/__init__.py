@@ -243,25 +243,21 @@ def _cmd_ledger_metrics(args: argparse.Namespace) -> int:
 
 def _cmd_ledger_key(args: argparse.Namespace) -> int:
     from appliance.panel import api_keys
-    from appliance.security import audit as events
     from appliance.security.audit import AuditLog, cli_actor
 
     audit = AuditLog.open(load_settings())
     engine = audit.ledger.engine
     if args.key_command == "create":
-        made, key = api_keys.create(engine, args.account, args.label or "")
-        audit.record(events.API_KEY_CREATE, actor=cli_actor(), target=made.account, key_id=made.id,
-                     label=made.label)
+        made, key = api_keys.issue(audit, args.account, args.label or "", actor=cli_actor())
         print(f"API key {made.id} for account {made.account} (shown once, keep it safe):\n{key}")
     elif args.key_command == "list":
         for k in api_keys.listing(engine):
             state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
             print(f"{k.id:>4}  {k.account:<20} {k.prefix}…  {k.label or '-':<16} "
                   f"created {k.created_at}  {state}")
-    elif not api_keys.revoke(engine, args.id):
+    elif not api_keys.withdraw(audit, args.id, actor=cli_actor()):
         raise OperationalError(f"no active API key {args.id}")
     else:
-        audit.record(events.API_KEY_REVOKE, actor=cli_actor(), target=str(args.id), key_id=args.id)
         print(f"API key {args.id} revoked")
     return 0
 

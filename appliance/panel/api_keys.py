@@ -10,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, select, update
 
 from appliance.bus.topics import slug
 from appliance.ledger import now_iso
+from appliance.security import audit as events
+
+if TYPE_CHECKING:
+    from appliance.security.audit import AuditLog
 
 metadata = MetaData()
 api_keys = Table("api_keys", metadata, Column("id", Integer, primary_key=True),
@@ -74,3 +79,19 @@ def revoke(engine: Engine, key_id: int) -> bool:
                                                    api_keys.c.revoked_at.is_(None))
                             .values(revoked_at=now_iso()))
     return bool(done.rowcount)
+
+
+def issue(audit: AuditLog, account: str, label: str, *, actor: str) -> tuple[ApiKey, str]:
+    """`create`, audit-logged as done by `actor`."""
+    made, key = create(audit.ledger.engine, account, label)
+    audit.record(events.API_KEY_CREATE, actor=actor, target=made.account, key_id=made.id,
+                 label=made.label)
+    return made, key
+
+
+def withdraw(audit: AuditLog, key_id: int, *, actor: str) -> bool:
+    """`revoke`, audit-logged as done by `actor` when there was such a key."""
+    if not revoke(audit.ledger.engine, key_id):
+        return False
+    audit.record(events.API_KEY_REVOKE, actor=actor, target=str(key_id), key_id=key_id)
+    return True

@@ -1,23 +1,62 @@
-"""The panel's FastAPI app factory. The app is given the bus and the database engine by the
-`panel` service (nothing is created at import time); routes reach them as dependencies."""
+"""The panel's FastAPI app factory. The `panel` service gives it everything it uses (the
+bus, the users, the sessions, the view of the box); nothing is created at import time."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from sqlalchemy import Engine
+from pathlib import Path
+from urllib.parse import quote
 
-from appliance.bus.base import Bus
-from appliance.panel.routes import trades
-from appliance.trade_sender import TradeSender
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+from appliance.panel.auth import PanelMiddleware, csrf_protect, login_of
+from appliance.panel.deps import Panel
+from appliance.panel.pages import render
+from appliance.panel.routes import account, dashboard, docs, ledger, login, trades, trading
+
+STATIC = Path(__file__).with_name("static")
+ROUTERS = (login.router, dashboard.api, dashboard.pages, trading.api, trading.pages, ledger.api,
+           ledger.pages, account.api, account.pages, trades.router, docs.router)
 
 
-def create_app(bus: Bus, engine: Engine, sender: TradeSender, *,
-               request_timeout_s: float = 10.0) -> FastAPI:
-    app = FastAPI(title="Circles", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  redoc_url=None)
-    app.state.bus = bus
-    app.state.engine = engine
-    app.state.sender = sender
-    app.state.request_timeout_s = request_timeout_s
-    app.include_router(trades.router)
+class CachedStatic(StaticFiles):
+    """Assets change only with a new release: a phone may keep them a day."""
+
+    async def get_response(self, path: str, scope: dict) -> Response:  # type: ignore[override]
+        response = await super().get_response(path, scope)
+        response.headers["cache-control"] = "public, max-age=86400"
+        return response
+
+
+def create_app(panel: Panel) -> FastAPI:
+    app = FastAPI(title="Circles", summary="The control panel's API: session or bearer token.",
+                  docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(csrf_protect)])
+    app.state.panel = panel
+    for router in ROUTERS:
+        app.include_router(router)
+    app.mount("/static", CachedStatic(directory=STATIC), name="static")
+    app.mount("/api/docs/assets", CachedStatic(directory=swagger_ui_path), name="swagger")
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_middleware(PanelMiddleware, logins=panel.logins, tls=panel.tls)
     return app
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The API answers JSON; a page sends the person where they can go on."""
+    path, login = request.url.path, login_of(request)
+    restricted = exc.status_code == 401 and login is not None and login.restricted
+    if path.startswith("/api/") and path != "/api/docs":
+        if restricted:
+            exc = HTTPException(401, f"finish this first, on the panel's account page: "
+                                     f"{login.restricted}")  # type: ignore[union-attr]
+        return await http_exception_handler(request, exc)
+    if exc.status_code == 401:
+        if restricted:
+            return RedirectResponse("/account", status_code=303)
+        return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
+    return render(request, "error.html", exc.status_code, detail=exc.detail)

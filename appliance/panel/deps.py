@@ -2,39 +2,103 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
 from sqlalchemy import Engine
 
 from appliance.bus.base import Bus
+from appliance.errors import TemporaryError
+from appliance.ledger import Ledger
 from appliance.panel import api_keys
+from appliance.panel.sessions import Login, Logins
+from appliance.panel.view import BoxView
+from appliance.security.audit import AuditLog
+from appliance.security.permissions import Permission, Principal, RequirePermission
+from appliance.security.users import Users
 from appliance.trade_sender import TradeSender
 
 
-def _bus(request: Request) -> Bus:
-    bus: Bus = request.app.state.bus
-    return bus
+@dataclass
+class Panel:
+    """Everything the routes use, made by the `panel` service (nothing at import time)."""
+
+    bus: Bus
+    users: Users
+    logins: Logins
+    view: BoxView
+    sender: TradeSender
+    request_timeout_s: float = 10.0
+    tls: bool = False
+    require_totp: bool = True
+
+    @property
+    def engine(self) -> Engine:
+        return self.users.engine
+
+    @property
+    def audit(self) -> AuditLog:
+        return self.users.audit
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.users.audit.ledger
+
+    async def ask(self, service: str, command: str, args: dict[str, Any] | None = None) -> Any:
+        """A service's answer to a command; 503 when it does not answer, 502 on its error."""
+        try:
+            reply = await self.bus.request(service, command, args or {},
+                                           timeout=self.request_timeout_s)
+        except TemporaryError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+        if not reply.ok:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"{service}: {reply.error}")
+        return reply.result
 
 
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+def _panel(request: Request) -> Panel:
+    panel: Panel = request.app.state.panel
+    return panel
 
 
-def _sender(request: Request) -> TradeSender:
-    sender: TradeSender = request.app.state.sender
-    return sender
+PanelDep = Annotated[Panel, Depends(_panel)]
 
 
-def _timeout(request: Request) -> float:
-    return float(request.app.state.request_timeout_s)
+def _bus(panel: PanelDep) -> Bus:
+    return panel.bus
+
+
+def _engine(panel: PanelDep) -> Engine:
+    return panel.engine
+
+
+def _sender(panel: PanelDep) -> TradeSender:
+    return panel.sender
+
+
+def _timeout(panel: PanelDep) -> float:
+    return panel.request_timeout_s
 
 
 BusDep = Annotated[Bus, Depends(_bus)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 SenderDep = Annotated[TradeSender, Depends(_sender)]
 TimeoutDep = Annotated[float, Depends(_timeout)]
+Viewer = Annotated[Principal, Depends(RequirePermission(Permission.VIEW))]
+TradingControl = Annotated[Principal, Depends(RequirePermission(Permission.TRADING_CONTROL))]
+KeysManager = Annotated[Principal, Depends(RequirePermission(Permission.KEYS_MANAGE))]
+
+
+def _login(request: Request) -> Login:
+    """Any live login, also one restricted to its first step (for the account's own pages)."""
+    login: Login | None = getattr(request.state, "login", None)
+    if login is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "not logged in")
+    return login
+
+
+LoginDep = Annotated[Login, Depends(_login)]
 
 
 def _api_account(engine: EngineDep, authorization: Annotated[str | None, Header()] = None,

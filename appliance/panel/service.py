@@ -1,5 +1,6 @@
 """The `panel` service: the FastAPI app under uvicorn, on the same event loop as its bus
-client (one process, one MQTT client, like every service)."""
+client (one process, one MQTT client, like every service). It keeps a view of the box from
+retained topics, asks services over request/reply, and never imports `modules/`."""
 
 from __future__ import annotations
 
@@ -7,17 +8,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import uvicorn
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from appliance.bus import registry
 from appliance.bus.message import Received
 from appliance.config import Section
-from appliance.db import open_database
-from appliance.errors import OperationalError
+from appliance.errors import ConfigError, OperationalError
 from appliance.panel.app import create_app
+from appliance.panel.deps import Panel
+from appliance.panel.sessions import Logins
+from appliance.panel.view import BoxView
 from appliance.runtime import Service, subscribe
+from appliance.security.crypto import Keyring
+from appliance.security.users import Users
 from appliance.trade_sender import TradeSender
 
 log = logging.getLogger("circles.panel")
@@ -26,7 +34,21 @@ log = logging.getLogger("circles.panel")
 class PanelSettings(Section):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: the LAN)")
     port: int = Field(8080, ge=1, le=65535)
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    trusted_proxies: list[str] = Field(
+        [], description="addresses of reverse proxies whose X-Forwarded-For is believed")
     request_timeout_s: float = Field(10.0, gt=0, description="how long a route waits for a service")
+    session_hours: float = Field(7 * 24, gt=0, le=90 * 24, description="a login lasts at most")
+    idle_hours: float = Field(24, gt=0, description="a login ends after this long unused")
+    require_totp: bool = Field(True, description="admins and operators enrol TOTP first")
+
+    @field_validator("tls_key")
+    @classmethod
+    def _pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if (key is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return key
 
 
 class _Server(uvicorn.Server):
@@ -40,29 +62,74 @@ class PanelService(Service):
     Settings = PanelSettings
 
     async def start(self) -> None:
-        self.engine = await asyncio.to_thread(open_database, self.settings)
+        config: PanelSettings = self.config
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(config, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"config: panel.{key}: no file {path}")
+        keyring = await asyncio.to_thread(Keyring.load_or_create, self.settings.state_dir)
+        users = await asyncio.to_thread(Users.open, self.settings, keyring)
+        self.view = BoxView()
         self.sender = TradeSender(self.bus)
-        self.app = create_app(self.bus, self.engine, self.sender,
-                              request_timeout_s=self.config.request_timeout_s)
+        self.panel = Panel(
+            bus=self.bus, users=users, view=self.view, sender=self.sender,
+            logins=Logins(users.engine, max_age=timedelta(hours=config.session_hours),
+                          idle=timedelta(hours=config.idle_hours)),
+            request_timeout_s=config.request_timeout_s, tls=config.tls_cert is not None,
+            require_totp=config.require_totp)
+        self.app = create_app(self.panel)
 
     @subscribe(registry.TRADE_ACK)
     async def on_trade_ack(self, msg: Received) -> None:
         self.sender.deliver(msg.data)
 
+    @subscribe(registry.SERVICE_STATUS)
+    async def on_status(self, msg: Received) -> None:
+        await self.view.set_status(msg.params["service"], msg.data, msg.message.sent_at)
+
+    @subscribe(registry.HEALTH_STATE)
+    async def on_health(self, msg: Received) -> None:
+        await self.view.set("health", _plain(msg.data))
+
+    @subscribe(registry.TRADING_HALT)
+    async def on_halt(self, msg: Received) -> None:
+        await self.view.set("halt", _plain(msg.data))
+
+    @subscribe(registry.RISK_STATE)
+    async def on_risk(self, msg: Received) -> None:
+        await self.view.set("risk", _plain(msg.data))
+
+    @subscribe(registry.TRADE_METRICS)
+    async def on_metrics(self, msg: Received) -> None:
+        await self.view.set_metrics(msg.params["account"], _plain(msg.data))
+
     async def run(self) -> None:
-        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port,
-                                log_config=None, access_log=False, lifespan="off")
-        server = _Server(config)
+        config: PanelSettings = self.config
+        proxies = config.trusted_proxies
+        server = _Server(uvicorn.Config(
+            self.app, host=config.host, port=config.port, log_config=None, access_log=False,
+            lifespan="off", server_header=False, date_header=True,
+            ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+            proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
+            timeout_graceful_shutdown=1))
+        log.info(f"the panel: {self.address()}", extra={"address": self.address()})
         try:
             await server.serve()
         except SystemExit:  # uvicorn's way of saying it could not listen
-            raise OperationalError(f"panel: cannot listen on {self.config.host}:"
-                                   f"{self.config.port}") from None
+            raise OperationalError(f"panel: cannot listen on {config.host}:{config.port}") from None
         finally:
             server.should_exit = True
 
     async def stop(self) -> None:
-        self.engine.dispose()
+        self.panel.engine.dispose()
+
+    def address(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def status_text(self) -> str:
-        return f"listening on {self.config.host}:{self.config.port}"
+        return f"listening on {self.address()}"
+
+
+def _plain(data: Any) -> dict[str, Any] | None:
+    return None if data is None else data.model_dump(mode="json")

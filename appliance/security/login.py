@@ -12,9 +12,15 @@ them; at the threshold the account is locked for `lockout_minutes`, doubled for 
 further lockout in a row until a successful login. While locked, every attempt is answered
 LOCKED without the password being looked at.
 
-A name without an account goes through the same steps on its own counters (the table
-`login_throttle`, keyed by the name's SHA-256): the same Argon2 work, the same writes, and
-the same answers, REFUSED and in time LOCKED, so the login does not tell which names exist.
+Attempts that say where they come from (`source`, the client's address) are counted per
+name *and* source, in the table `login_throttle`: a stranger who fails a name from their
+address locks that name for their address only, so they cannot lock the owner out from
+elsewhere, and one address (a proxy) that fails for one name does not lock everyone behind
+it out of every account. Attempts without a source are counted on the user's own row.
+
+A name without an account goes through the same steps on its own counters (its row of
+`login_throttle`): the same Argon2 work, the same writes, and the same answers, REFUSED and
+in time LOCKED, so the login does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -136,26 +142,27 @@ class Login:
         fresh = hash_password(password, users.hasher) if needs_rehash(user.password_hash,
                                                                       users.hasher) else None
         with users.session() as session:
-            user = users.row(session, name, lock=True)
+            user, counters = self._counters(session, name, source)
             if user is None:
                 return LoginResult(Outcome.REFUSED)
             if fresh:
                 user.password_hash = fresh
                 session.add(user)
-            if is_locked(user, now):  # locked by other attempts in the meantime
+            if is_locked(counters, now):  # locked by other attempts in the meantime
                 session.commit()
-                return self._refused_while_locked(user.username, user, "password", source)
+                return self._refused_while_locked(user.username, True, counters, "password",
+                                                  source)
             if user.totp_secret is not None:
                 # The password was right: this attempt no longer counts; the code's will.
-                user.failed_attempts = max(user.failed_attempts - 1, 0)
+                counters.failed_attempts = max(counters.failed_attempts - 1, 0)
                 challenge = secrets.token_urlsafe(32)
                 user.login_challenge_hash = digest_token(challenge)
                 user.login_challenge_expires = now + CHALLENGE_TTL
-                session.add(user)
+                session.add_all([user, counters])
                 session.commit()
                 return LoginResult(Outcome.NEEDS_TOTP, username=name, role=Role(user.role),
                                    challenge=challenge)
-            outcome = self._complete(session, user, now)
+            outcome = self._complete(session, user, counters, now)
             session.commit()
         return self._succeeded(user, outcome, None, source)
 
@@ -177,29 +184,31 @@ class Login:
         if factor is None:
             return self._failed(name, now, "totp", source)
         with users.session() as session:
-            user = users.row(session, name, lock=True)
+            user, counters = self._counters(session, name, source)
             # Another request may have finished this login with the same challenge.
             if user is None or not token_matches(user.login_challenge_hash,
                                                  user.login_challenge_expires, challenge, now):
                 return LoginResult(Outcome.REFUSED)
-            outcome = self._complete(session, user, now)
+            outcome = self._complete(session, user, counters, now)
             session.commit()
         return self._succeeded(user, outcome, factor, source)
 
     # -- counting attempts --------------------------------------------------------------------
-    def _counters(self, session: Session, name: str) -> tuple[User | None, Counters]:
+    def _counters(self, session: Session, name: str, source: str | None
+                  ) -> tuple[User | None, Counters]:
         """The user of `name` (locked for this transaction) and the counters its attempts go
-        to: the user's own, or, for a name without an account, its row of `login_throttle`."""
+        to: the user's own row for attempts without a source; else, and for a name without
+        an account, the row of `login_throttle` of the name and source."""
         user = self.users.row(session, name, lock=True)
-        if user is not None:
+        if user is not None and source is None:
             return user, user
-        key = digest_token(name)
+        key = digest_token(name if source is None else f"{name}\n{source}")
         dialect = postgresql if session.connection().dialect.name == "postgresql" else sqlite
         session.connection().execute(dialect.insert(Throttle).values(
             key=key, failed_attempts=0, lockouts=0).on_conflict_do_nothing())
         throttle = session.exec(select(Throttle).where(col(Throttle.key) == key)
                                 .with_for_update()).one()
-        return None, throttle
+        return user, throttle
 
     def _open(self, name: str, now: datetime, step: str, source: str | None, *,
               challenge: str | None = None) -> tuple[User | None, LoginResult | None]:
@@ -209,7 +218,7 @@ class Login:
         `challenge` (the TOTP step), only the user whose password step issued it may go on."""
         threshold = self.users.settings.lockout_threshold
         with self.users.session() as session:
-            user, counters = self._counters(session, name)
+            user, counters = self._counters(session, name, source)
             if challenge is not None and (user is None or not token_matches(
                     user.login_challenge_hash, user.login_challenge_expires, challenge, now)):
                 session.rollback()
@@ -218,13 +227,14 @@ class Login:
                                         step=step, reason="no password step", source=source)
                 return user, LoginResult(Outcome.REFUSED)
             if not is_locked(counters, now) and counters.failed_attempts >= threshold:
-                self._lock(counters, now)  # as many attempts in flight as are allowed
+                self._lock(user, counters, now)  # as many attempts in flight as are allowed
                 session.add(counters)
                 session.commit()
-                return user, self._locked_now(name, counters, step, source)
+                return user, self._locked_now(name, user is not None, counters, step, source)
             if is_locked(counters, now):
                 session.commit()
-                return user, self._refused_while_locked(name, counters, step, source)
+                return user, self._refused_while_locked(name, user is not None, counters, step,
+                                                         source)
             counters.failed_attempts += 1
             session.add(counters)
             session.commit()
@@ -234,24 +244,24 @@ class Login:
         """End an attempt that failed (it was counted when it began): lock the name when the
         failures reach the threshold. REFUSED or LOCKED."""
         with self.users.session() as session:
-            _, counters = self._counters(session, name)
+            user, counters = self._counters(session, name, source)
+            account = user is not None
             if is_locked(counters, now):
                 session.commit()
-                return self._refused_while_locked(name, counters, step, source)
+                return self._refused_while_locked(name, account, counters, step, source)
             attempts = counters.failed_attempts
             locked = attempts >= self.users.settings.lockout_threshold
             if locked:
-                self._lock(counters, now)
+                self._lock(user, counters, now)
             session.add(counters)
             session.commit()
-        account = isinstance(counters, User)
         # A name without an account is not recorded: people type their password into it.
         self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
                                 target=name if account else None, outcome="refused", step=step,
                                 attempts=attempts, source=source,
                                 **({} if account else {"reason": "unknown user"}))
-        return self._locked_now(name, counters, step, source) if locked else LoginResult(
-            Outcome.REFUSED)
+        return self._locked_now(name, account, counters, step, source) if locked else \
+            LoginResult(Outcome.REFUSED)
 
     def count_failure(self, name: str, step: str, source: str | None = None) -> LoginResult:
         """Count one failure of `name` that was checked elsewhere (a wrong current password
@@ -260,17 +270,24 @@ class Login:
         _, early = self._open(name, now, step, source)
         return early or self._failed(name, now, step, source)
 
-    def _lock(self, counters: Counters, now: datetime) -> None:
+    def locked_until(self, name: str, source: str | None = None) -> datetime | None:
+        """Until when attempts for `name` from `source` are refused; None if they are not."""
+        with self.users.session() as session:
+            _, counters = self._counters(session, name, source)
+            session.commit()
+        return counters.locked_until if is_locked(counters, self.users.clock()) else None
+
+    def _lock(self, user: User | None, counters: Counters, now: datetime) -> None:
         counters.lockouts += 1
         counters.failed_attempts = 0
         counters.locked_until = now + self.lockout_length(counters.lockouts)
-        if isinstance(counters, User):
-            counters.login_challenge_hash = counters.login_challenge_expires = None
+        if user is not None:  # a TOTP step begun elsewhere cannot go on from another address
+            user.login_challenge_hash = user.login_challenge_expires = None
 
-    def _locked_now(self, name: str, counters: Counters, step: str,
+    def _locked_now(self, name: str, account: bool, counters: Counters, step: str,
                     source: str | None) -> LoginResult:
         assert counters.locked_until is not None
-        if isinstance(counters, User):
+        if account:
             self.users.audit.record(events.LOCKOUT, actor=ANONYMOUS, target=name,
                                     outcome="locked", until=counters.locked_until.isoformat(),
                                     lockouts=counters.lockouts, step=step, source=source)
@@ -279,9 +296,11 @@ class Login:
                         extra={"user": name, "locked_until": counters.locked_until.isoformat()})
         return LoginResult(Outcome.LOCKED, locked_until=counters.locked_until)
 
-    def _complete(self, session: Session, user: User, now: datetime) -> Outcome:
+    def _complete(self, session: Session, user: User, counters: Counters, now: datetime
+                  ) -> Outcome:
         """Book a complete login on `user` and say what the panel must do next."""
-        user.failed_attempts, user.lockouts, user.locked_until = 0, 0, None
+        counters.failed_attempts, counters.lockouts, counters.locked_until = 0, 0, None
+        session.add(counters)
         user.login_challenge_hash = user.login_challenge_expires = None
         user.last_login_at = now
         session.add(user)
@@ -302,10 +321,10 @@ class Login:
                            must_enrol_totp=role in TOTP_ROLES and user.totp_secret is None,
                            second_factor=factor)
 
-    def _refused_while_locked(self, name: str, counters: Counters, step: str,
+    def _refused_while_locked(self, name: str, account: bool, counters: Counters, step: str,
                               source: str | None) -> LoginResult:
         self.users.audit.record(events.LOGIN_FAILURE, actor=ANONYMOUS,
-                                target=name if isinstance(counters, User) else None,
+                                target=name if account else None,
                                 outcome="locked", step=step, source=source)
         return LoginResult(Outcome.LOCKED, locked_until=counters.locked_until)
 

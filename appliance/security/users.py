@@ -304,23 +304,24 @@ class Users:
         user.reset_token_hash = user.reset_token_expires = None
         session.add(user)
 
-    def change_password(self, username: str, current: str, new: str) -> None:
+    def change_password(self, username: str, current: str, new: str, *,
+                        source: str | None = None) -> None:
         """Set a new password, proving the current one. A wrong current password counts as a
-        failed login (AuthError); a locked account is refused (AuthError); the new one must
-        pass the policy and differ from the current one (PasswordPolicyError)."""
+        failed login from `source` (AuthError); a locked account is refused (AuthError); the
+        new one must pass the policy and differ from the current one (PasswordPolicyError)."""
         name = canonical_username(username)
-        user, now = self.snapshot(name), self.clock()
+        user = self.snapshot(name)
         if user is None:
             raise UnknownUser(f"no user {name}")
-        if is_locked(user, now):
-            raise AuthError(f"{name} is locked until {user.locked_until:%Y-%m-%d %H:%M} UTC")
+        if until := self.login.locked_until(name, source):
+            raise AuthError(f"{name} is locked until {until:%Y-%m-%d %H:%M} UTC")
         if not verify_password(user.password_hash, current, self.hasher):
-            self.login.count_failure(name, "change_password")
+            self.login.count_failure(name, "change_password", source)
             raise AuthError("the current password is wrong")
         check_policy(new, name)
         if new == current:
             raise PasswordPolicyError("password refused: it is the current password")
-        digest = hash_password(new, self.hasher)
+        digest, now = hash_password(new, self.hasher), self.clock()
         with self.session() as session:
             self._set_password(session, self.existing(session, name), digest, now)
             session.commit()

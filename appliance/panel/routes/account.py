@@ -1,0 +1,177 @@
+"""The person's own account: password, TOTP enrolment, API tokens for scripts.
+
+These are open to every role (a viewer changes their own password too) and to a session
+restricted to its first step, which is one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlparse
+
+from fastapi import APIRouter, Form, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field
+
+from appliance.errors import AuthError, ValidationFailed
+from appliance.panel.auth import client_source
+from appliance.panel.deps import LoginDep, Panel, PanelDep, Viewer
+from appliance.panel.pages import redirect, render
+from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, Login
+from appliance.security import audit as events
+from appliance.security.permissions import TOTP_ROLES, Principal, Role
+from appliance.security.users import UnknownUser
+
+api = APIRouter(prefix="/api/v1", tags=["account"])
+pages = APIRouter(prefix="/account", include_in_schema=False)
+FormStr = Annotated[str, Form()]
+
+
+class TokenBody(BaseModel):
+    label: str = Field(min_length=1, max_length=200)
+    scope: Role = Field(Role.VIEWER, description="what the token may do: at most your role")
+
+
+def _session(login: Login) -> int:
+    if login.session_id is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "API tokens are made and revoked from a logged-in session")
+    return login.session_id
+
+
+async def create_token(panel: Panel, login: Login, by: Principal, label: str,
+                       scope: Role) -> tuple[dict[str, Any], str]:
+    _session(login)
+    try:
+        info, token = await asyncio.to_thread(panel.logins.create_token, by, label, scope)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+    await asyncio.to_thread(panel.audit.record, events.TOKEN_CREATE, actor=by.actor,
+                            target=by.name, token_id=info.id, label=label, scope=scope.value)
+    return asdict(info), token
+
+
+async def revoke_token(panel: Panel, login: Login, by: Principal, token_id: int) -> bool:
+    _session(login)
+    if not await asyncio.to_thread(panel.logins.revoke_token, by.name, token_id):
+        return False
+    await asyncio.to_thread(panel.audit.record, events.TOKEN_REVOKE, actor=by.actor,
+                            target=by.name, token_id=token_id)
+    return True
+
+
+@api.get("/me")
+async def me(login: LoginDep, panel: PanelDep) -> dict[str, Any]:
+    """Who is logged in, with which role, and what must come first."""
+    info = await asyncio.to_thread(panel.users.get, login.principal.name)
+    return {"username": login.principal.name, "role": login.principal.role.value,
+            "restricted": login.restricted, "totp_enrolled": bool(info and info.totp_enrolled),
+            "via": "session" if login.session_id is not None else "token"}
+
+
+@api.get("/tokens")
+async def tokens(by: Viewer, panel: PanelDep) -> list[dict[str, Any]]:
+    """My API tokens (never the tokens themselves)."""
+    return [asdict(t) for t in await asyncio.to_thread(panel.logins.tokens_of, by.name)]
+
+
+@api.post("/tokens", status_code=201)
+async def token_create(body: TokenBody, login: LoginDep, by: Viewer,
+                       panel: PanelDep) -> dict[str, Any]:
+    """A token for a script (`Authorization: Bearer ct_…`); shown in this answer only."""
+    info, token = await create_token(panel, login, by, body.label, body.scope)
+    return info | {"token": token}
+
+
+@api.delete("/tokens/{token_id}")
+async def token_revoke(token_id: int, login: LoginDep, by: Viewer,
+                       panel: PanelDep) -> dict[str, Any]:
+    if not await revoke_token(panel, login, by, token_id):
+        raise HTTPException(404, f"no live token {token_id} of yours")
+    return {"revoked": token_id}
+
+
+# -- pages -------------------------------------------------------------------------------------
+async def _page(request: Request, panel: Panel, login: Login, code: int = 200,
+                **context: Any) -> Response:
+    name = login.principal.name
+    info = await asyncio.to_thread(panel.users.get, name)
+    listed = [] if login.restricted else await asyncio.to_thread(panel.logins.tokens_of, name)
+    return render(request, "account.html", code, info=info, tokens=listed,
+                  roles=[r for r in Role], **context)
+
+
+@pages.get("")
+async def account_page(request: Request, login: LoginDep, panel: PanelDep) -> Response:
+    return await _page(request, panel, login)
+
+
+def _next_step(panel: Panel, login: Login, enrolled: bool) -> str | None:
+    if panel.require_totp and login.principal.role in TOTP_ROLES and not enrolled:
+        return ENROL_TOTP
+    return None
+
+
+@pages.post("/password")
+async def password_submit(request: Request, login: LoginDep, panel: PanelDep,
+                          current: FormStr, new: FormStr, again: FormStr) -> Response:
+    if new != again:
+        return await _page(request, panel, login, 422, password_error="The new passwords differ.")
+    name = login.principal.name
+    try:
+        await asyncio.to_thread(panel.users.change_password, name, current, new,
+                                source=client_source(request))
+    except (AuthError, ValidationFailed, UnknownUser) as exc:
+        return await _page(request, panel, login, 422, password_error=str(exc))
+    assert login.session_id is not None
+    await asyncio.to_thread(panel.logins.close_others, name, login.session_id)
+    if login.restricted == CHANGE_PASSWORD:
+        enrolled = await asyncio.to_thread(panel.users.totp.is_enrolled, name)
+        await asyncio.to_thread(panel.logins.restrict, login.session_id,
+                                _next_step(panel, login, enrolled))
+    return redirect("/account", "Password changed; your other sessions were logged out.")
+
+
+@pages.post("/totp")
+async def totp_begin(request: Request, login: LoginDep, panel: PanelDep) -> Response:
+    if login.restricted == CHANGE_PASSWORD:
+        return redirect("/account")
+    enrolment = await asyncio.to_thread(panel.users.totp.begin_enrolment, login.principal.name)
+    secret = parse_qs(urlparse(enrolment.uri).query).get("secret", [""])[0]
+    return await _page(request, panel, login, enrolment=enrolment, secret=secret)
+
+
+@pages.post("/totp/confirm")
+async def totp_confirm(request: Request, login: LoginDep, panel: PanelDep,
+                       code: FormStr) -> Response:
+    if login.restricted == CHANGE_PASSWORD:
+        return redirect("/account")
+    try:
+        codes = await asyncio.to_thread(panel.users.totp.confirm_enrolment,
+                                        login.principal.name, code,
+                                        actor=login.principal.actor)
+    except AuthError as exc:
+        return await _page(request, panel, login, 422, totp_error=str(exc))
+    if login.restricted == ENROL_TOTP and login.session_id is not None:
+        await asyncio.to_thread(panel.logins.restrict, login.session_id, None)
+    return await _page(request, panel, login, backup_codes=codes)
+
+
+@pages.post("/tokens")
+async def token_create_page(request: Request, login: LoginDep, by: Viewer, panel: PanelDep,
+                            label: Annotated[str, Form(min_length=1, max_length=200)],
+                            scope: Annotated[Role, Form()] = Role.VIEWER) -> Response:
+    try:
+        info, token = await create_token(panel, login, by, label, scope)
+    except HTTPException as exc:
+        return await _page(request, panel, login, exc.status_code, token_error=exc.detail)
+    return await _page(request, panel, login, new_token=token, new_token_info=info)
+
+
+@pages.post("/tokens/{token_id}/revoke")
+async def token_revoke_page(token_id: int, login: LoginDep, by: Viewer,
+                            panel: PanelDep) -> Response:
+    done = await revoke_token(panel, login, by, token_id)
+    return redirect("/account", f"Token {token_id} revoked." if done
+                    else f"No live token {token_id} of yours.")

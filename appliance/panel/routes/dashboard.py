@@ -1,0 +1,67 @@
+"""The dashboard: services, health, trading running or halted, today's PnL; live.
+
+Live pages hold a Server-Sent Events stream (`/live/<part>`) whose every event is the part
+rendered again as HTML; `static/panel.js` swaps it in. Without script the page still shows
+the state as of its loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
+
+from appliance.panel.deps import PanelDep, Viewer
+from appliance.panel.pages import render, templates
+
+api = APIRouter(prefix="/api/v1", tags=["dashboard"])
+pages = APIRouter(include_in_schema=False)
+KEEPALIVE_S = 15.0
+MIN_GAP_S = 0.25  # at most four updates a second, however busy the bus
+
+
+@api.get("/dashboard")
+async def dashboard(_: Viewer, panel: PanelDep) -> dict[str, Any]:
+    """Services online/offline and since when, health, the trading halt, today's PnL."""
+    return panel.view.dashboard()
+
+
+@pages.get("/")
+async def dashboard_page(request: Request, _: Viewer, panel: PanelDep) -> Response:
+    return render(request, "dashboard.html", d=panel.view.dashboard())
+
+
+# The parts a live page may stream: a template and what it is given.
+PARTS: dict[str, tuple[str, Callable[[PanelDep], dict[str, Any]]]] = {
+    "dashboard": ("_dashboard.html", lambda panel: {"d": panel.view.dashboard()}),
+    "halt": ("_halt.html", lambda panel: {"d": panel.view.dashboard()}),
+}
+
+
+def sse(event: str, text: str) -> str:
+    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in text.splitlines()) + "\n"
+
+
+@pages.get("/live/{part}")
+async def live(part: str, request: Request, _: Viewer, panel: PanelDep) -> StreamingResponse:
+    if part not in PARTS:
+        raise HTTPException(404, f"no live part {part!r}")
+    name, context = PARTS[part]
+    template = templates.get_template(name)
+
+    async def events() -> AsyncIterator[str]:
+        version = -1
+        while not await request.is_disconnected():
+            seen = await panel.view.changed(version, KEEPALIVE_S)
+            if seen == version:
+                yield ": keepalive\n\n"
+                continue
+            version = seen
+            yield sse(part, template.render(request=request, **context(panel)))
+            await asyncio.sleep(MIN_GAP_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
