@@ -207,5 +207,21 @@ class TradeLoggerService(Service):
                                            lambda book: equity_curve(book, points))
         return curve
 
+    async def cmd_fills(self, request: CommandRequest) -> list[dict[str, Any]]:
+        """{"account": "…", "limit": 20} → the account's most recent ledger events, newest
+        first: `{"seq", "ts", "event"}` (fills and cash flows)."""
+        account = await asyncio.to_thread(self._account, request)
+        limit = (request.model_extra or {}).get("limit", 20)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise ValidationFailed("limit must be an integer from 1 to 1000")
+
+        def recent() -> list[dict[str, Any]]:
+            chain = chain_for(account)
+            head, _ = self.ledger.head(chain)
+            rows = self.ledger.records(chain, since=max(head - limit, 0))
+            return [{"seq": r["seq"], "ts": r["ts"], "event": r["data"]} for r in rows][::-1]
+
+        return await asyncio.to_thread(recent)
+
     def status_text(self) -> str:
         return f"{self.stored} events stored, {self.duplicates} duplicates"
