@@ -387,3 +387,30 @@ def test_no_answer_contains_a_secret(box: PanelBox,
         body = client.get(path).text
         for secret in secrets:
             assert secret not in body, (route, secret[:4])
+
+
+def test_an_account_shows_its_metrics_equity_and_recent_fills(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from appliance.simulate import simulated_trades
+
+    admin, csrf = clients[Role.ADMIN]
+    account = f"acct-{uuid.uuid4().hex[:6]}"
+    key = admin.post("/api/v1/ledger/keys", json={"account": account},
+                     headers={"x-csrf-token": csrf}).json()["key"]
+    sent = [json.loads(e.model_dump_json()) for e in simulated_trades(12, account, seed=3)]
+    stored = box.client().post("/api/v1/trade_events", json=sent,
+                               headers={"authorization": f"Bearer {key}"})
+    assert stored.status_code == 200, stored.text
+    viewer, _ = clients[Role.VIEWER]
+    deadline = time.monotonic() + 10
+    while account not in viewer.get("/api/v1/trading").json()["accounts"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    detail = viewer.get(f"/api/v1/trading/accounts/{account}", params={"fills": 5}).json()
+    assert detail["metrics"]["events"] == 12
+    assert [f["seq"] for f in detail["fills"]] == [12, 11, 10, 9, 8]
+    assert [f["event"]["event_id"] for f in detail["fills"]] == [e["event_id"]
+                                                                for e in sent[::-1][:5]]
+    assert detail["equity"] and detail["equity"][-1]["equity"] == detail["metrics"]["equity"]
+    page = viewer.get("/trading", params={"account": account}).text
+    assert "<polyline" in page and sent[-1]["strategy_id"] in page
