@@ -17,12 +17,11 @@ import asyncio
 import hmac
 import ipaddress
 import secrets
-from typing import Any
 
 from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.panel.sessions import Login, Logins, csrf_for
+from appliance.panel.sessions import TOKEN_PREFIX, Login, Logins, csrf_for
 
 SESSION_COOKIE = "circles_session"
 PRE_COOKIE = "circles_pre"  # before the login: what the login forms' CSRF token comes from
@@ -85,13 +84,16 @@ class PanelMiddleware:
         authorization = request.headers.get("authorization", "")
         if authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
-            if token.startswith("ct_"):
-                return await self._lookup(self.logins.token, token)
+            if token.startswith(TOKEN_PREFIX):
+                return await self._lookup("token", token)
         cookie = request.cookies.get(SESSION_COOKIE)
-        return await self._lookup(self.logins.session, cookie) if cookie else None
+        return await self._lookup("session", cookie) if cookie else None
 
-    async def _lookup(self, find: Any, token: str) -> Login | None:
-        login: Login | None = await asyncio.to_thread(find, token)
+    async def _lookup(self, kind: str, token: str) -> Login | None:
+        """From the cache on the loop; from the database in a thread."""
+        found, login = self.logins.cached(kind, token)
+        if not found:
+            login = await asyncio.to_thread(getattr(self.logins, kind), token)
         return login
 
 

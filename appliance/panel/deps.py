@@ -57,7 +57,7 @@ class Panel:
         return reply.result
 
 
-def _panel(request: Request) -> Panel:
+async def _panel(request: Request) -> Panel:
     panel: Panel = request.app.state.panel
     return panel
 
@@ -65,19 +65,19 @@ def _panel(request: Request) -> Panel:
 PanelDep = Annotated[Panel, Depends(_panel)]
 
 
-def _bus(panel: PanelDep) -> Bus:
+async def _bus(panel: PanelDep) -> Bus:
     return panel.bus
 
 
-def _engine(panel: PanelDep) -> Engine:
+async def _engine(panel: PanelDep) -> Engine:
     return panel.engine
 
 
-def _sender(panel: PanelDep) -> TradeSender:
+async def _sender(panel: PanelDep) -> TradeSender:
     return panel.sender
 
 
-def _timeout(panel: PanelDep) -> float:
+async def _timeout(panel: PanelDep) -> float:
     return panel.request_timeout_s
 
 
@@ -90,7 +90,7 @@ TradingControl = Annotated[Principal, Depends(RequirePermission(Permission.TRADI
 KeysManager = Annotated[Principal, Depends(RequirePermission(Permission.KEYS_MANAGE))]
 
 
-def _login(request: Request) -> Login:
+async def _login(request: Request) -> Login:
     """Any live login, also one restricted to its first step (for the account's own pages)."""
     login: Login | None = getattr(request.state, "login", None)
     if login is None:

@@ -109,6 +109,12 @@ class Logins:
     def session(self, token: str) -> Login | None:
         return self._cached("s" + token, lambda: self._load_session(token))
 
+    def cached(self, kind: str, token: str) -> tuple[bool, Login | None]:
+        """A lookup answered from the cache, without the database: (found, login); `kind`
+        is "session" or "token"."""
+        hit = self._cache.get(kind[0] + token)
+        return (True, hit[1]) if hit is not None and hit[0] > time.monotonic() else (False, None)
+
     def _load_session(self, token: str) -> Login | None:
         now = self.clock()
         query = (select(sessions, col(User.role)).join(User, col(User.username) == sessions.c.username)

@@ -128,7 +128,7 @@ class RequirePermission:
     def __init__(self, permission: Permission) -> None:
         self.permission = permission
 
-    def __call__(self, request: Request) -> Principal:
+    async def __call__(self, request: Request) -> Principal:  # async: no thread per request
         principal = getattr(request.state, "principal", None)
         if principal is not None and not isinstance(principal, Principal):
             # Something else in the app used the name; treat it as no login, never as a role.
