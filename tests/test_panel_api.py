@@ -120,7 +120,8 @@ def test_each_role_reaches_what_its_permissions_allow(
         answer = _call(client, csrf, method, path, body)
         allowed = role in ROLES_FOR[who]
         if allowed:
-            assert answer.status_code not in (401, 403), (method, route, answer.text[:300])
+            assert answer.status_code not in (401, 403) and answer.status_code < 500, (
+                method, route, answer.status_code, answer.text[:300])
             if method != "GET":
                 changed_state.append((method, route))
         else:
@@ -414,3 +415,51 @@ def test_an_account_shows_its_metrics_equity_and_recent_fills(
     assert detail["equity"] and detail["equity"][-1]["equity"] == detail["metrics"]["equity"]
     page = viewer.get("/trading", params={"account": account}).text
     assert "<polyline" in page and sent[-1]["strategy_id"] in page
+
+
+def test_a_token_cannot_touch_its_owners_credentials(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    client, csrf = clients[Role.ADMIN]
+    token = client.post("/api/v1/tokens", json={"label": "creds", "scope": "admin"},
+                        headers={"x-csrf-token": csrf}).json()["token"]
+    bearer = {"authorization": f"Bearer {token}"}
+    with box.client() as script:
+        for path, form in (("/account/totp", {}), ("/account/password", {
+                "current": PASSWORD, "new": "a stolen new passphrase",
+                "again": "a stolen new passphrase"}), ("/account/tokens", {"label": "more"})):
+            assert script.post(path, data=form, headers=bearer).status_code == 403, path
+        assert script.get("/account", headers=bearer).status_code == 403
+
+
+def test_the_login_form_needs_its_own_cookie(box: PanelBox) -> None:
+    """Without the pre-login cookie there is no token to forge: a cross-site form gets 403."""
+    from appliance.panel.sessions import csrf_for
+
+    client = box.client()
+    answer = client.post("/login", data={"username": "vera", "password": PASSWORD,
+                                         "csrf": csrf_for("")})
+    assert answer.status_code == 403 and "circles_session" not in client.cookies
+
+
+def test_a_live_page_ends_with_its_login(box: PanelBox) -> None:
+    client, csrf = box.login(box.people[Role.VIEWER])
+    with client.stream("GET", "/live/dashboard") as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "event: dashboard"
+        with box.client() as other:
+            other.cookies.update(client.cookies)
+            assert other.post("/logout", data={"csrf": csrf}).status_code == 303
+        rest = list(lines)  # ends at the next update or keepalive (≤ 15 s)
+    assert rest  # it ended by itself, with the part it had sent
+
+
+def test_a_restricted_session_can_log_in_again(box: PanelBox) -> None:
+    box.users.add("rita", PASSWORD, Role.VIEWER, actor="cli:test", must_change_password=True)
+    client = box.client()
+    csrf = csrf_of(client.get("/login").text)
+    client.post("/login", data={"username": "rita", "password": PASSWORD, "csrf": csrf})
+    assert client.get("/api/v1/me").json()["restricted"] == "change_password"
+    csrf = csrf_of(client.get("/login").text)
+    again = client.post("/login", data={"username": "rita", "password": PASSWORD,
+                                        "csrf": csrf})
+    assert again.status_code == 303 and again.headers["location"] == "/account"

@@ -307,7 +307,8 @@ def _resume_if_halted(tab: Tab) -> None:
     page.wait_for_url(re.compile(r"/trading/resume$"))
     with page.expect_navigation():
         page.click("#confirm-resume")
-    if page.locator("p.error").count():  # a loss limit is breached: accept it
+    # Refused (a loss limit is breached): the confirm page again, with the error; accept it.
+    if page.url.endswith("/trading/resume") and page.locator("p.error").count():
         page.check("input[name=force]")
         with page.expect_navigation():
             page.click("#confirm-resume")

@@ -104,7 +104,8 @@ def login_of(request: Request) -> Login | None:
 async def csrf_protect(request: Request) -> None:
     """An app-wide dependency: a state-changing request on a session must carry its token."""
     login = login_of(request)
-    if request.method in SAFE_METHODS or login is None or login.session_id is None:
+    if request.method in SAFE_METHODS or login is None or login.session_id is None \
+            or request.url.path.startswith("/login"):  # the login forms check their own
         return
     await check_csrf(request, csrf_for(login.secret))
 
@@ -115,7 +116,7 @@ async def check_csrf(request: Request, expected: str) -> None:
             ("application/x-www-form-urlencoded", "multipart/form-data")):
         value = (await request.form()).get("csrf")
         given = value if isinstance(value, str) else None
-    if not given or not hmac.compare_digest(given, expected):
+    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             "missing or wrong CSRF token: reload the page and try again")
 

@@ -101,6 +101,17 @@ async def _login(request: Request) -> Login:
 LoginDep = Annotated[Login, Depends(_login)]
 
 
+async def _session_login(login: LoginDep) -> Login:
+    """A login by session only: a script's token may not touch its owner's credentials."""
+    if login.session_id is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "only a logged-in session may do this, not an API token")
+    return login
+
+
+SessionLogin = Annotated[Login, Depends(_session_login)]
+
+
 def _api_account(engine: EngineDep, authorization: Annotated[str | None, Header()] = None,
                  x_api_key: Annotated[str | None, Header()] = None) -> str:
     """The account of the request's API key (`Authorization: Bearer ck_…` or `X-API-Key`)."""

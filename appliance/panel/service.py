@@ -113,12 +113,16 @@ class PanelService(Service):
             proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
             timeout_graceful_shutdown=1))
         log.info(f"the panel: {self.address()}", extra={"address": self.address()})
+        serving = asyncio.ensure_future(server.serve())
         try:
-            await server.serve()
+            await asyncio.shield(serving)
         except SystemExit:  # uvicorn's way of saying it could not listen
             raise OperationalError(f"panel: cannot listen on {config.host}:{config.port}") from None
-        finally:
+        except asyncio.CancelledError:
+            # Stopping: uvicorn closes its socket, lets requests finish (1 s), ends streams.
             server.should_exit = True
+            await asyncio.wait({serving}, timeout=1.5)
+            raise
 
     async def stop(self) -> None:
         self.panel.engine.dispose()

@@ -17,10 +17,10 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, select, update
+from sqlalchemy import Column, Engine, Integer, MetaData, ScalarSelect, String, Table, select, update
 from sqlmodel import col
 
 from appliance.security.permissions import Principal, Role
@@ -28,13 +28,13 @@ from appliance.security.users import User
 
 metadata = MetaData()
 sessions = Table("panel_sessions", metadata, Column("id", Integer, primary_key=True),
-                 Column("token_hash", String(64)), Column("username", String(64)),
+                 Column("token_hash", String(64)), Column("user_id", Integer),
                  Column("restricted", String(32)), Column("second_factor", String(16)),
                  Column("source", String(64)), Column("user_agent", String(200)),
                  Column("created_at", String(40)), Column("last_seen_at", String(40)),
                  Column("expires_at", String(40)), Column("revoked_at", String(40)))
 tokens = Table("panel_tokens", metadata, Column("id", Integer, primary_key=True),
-               Column("username", String(64)), Column("label", String(200)),
+               Column("user_id", Integer), Column("label", String(200)),
                Column("scope", String(16)), Column("prefix", String(16)),
                Column("hash", String(64)), Column("created_at", String(40)),
                Column("last_used_at", String(40)), Column("revoked_at", String(40)))
@@ -63,6 +63,10 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
+def _user_id(username: str) -> ScalarSelect[int]:
+    return select(col(User.id)).where(col(User.username) == username).scalar_subquery()
+
+
 @dataclass(frozen=True)
 class Login:
     """A live session or token, as the request handlers see it."""
@@ -72,7 +76,7 @@ class Login:
     restricted: str | None = None
     second_factor: str | None = None
     token_id: int | None = None
-    secret: str = ""  # the cookie, to derive the CSRF token from; "" for a token
+    secret: str = field(default="", repr=False)  # the cookie (the CSRF token's source) or token
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,19 @@ class Logins:
         token, now = secrets.token_urlsafe(32), self.clock()
         with self.engine.begin() as conn:
             conn.execute(sessions.insert().values(
-                token_hash=digest(token), username=username, restricted=restricted,
+                token_hash=digest(token), user_id=_user_id(username), restricted=restricted,
                 second_factor=second_factor, source=source[:64], user_agent=user_agent[:200],
                 created_at=iso(now), last_seen_at=iso(now), expires_at=iso(now + self.max_age)))
         return token
 
     def session(self, token: str) -> Login | None:
         return self._cached("s" + token, lambda: self._load_session(token))
+
+    def still(self, login: Login) -> bool:
+        """Whether `login` is still live (not logged out, revoked, expired, or its user gone)."""
+        again = self.session(login.secret) if login.session_id is not None \
+            else self.token(login.secret)
+        return again is not None and again.principal == login.principal
 
     def cached(self, kind: str, token: str) -> tuple[bool, Login | None]:
         """A lookup answered from the cache, without the database: (found, login); `kind`
@@ -117,7 +127,8 @@ class Logins:
 
     def _load_session(self, token: str) -> Login | None:
         now = self.clock()
-        query = (select(sessions, col(User.role)).join(User, col(User.username) == sessions.c.username)
+        query = (select(sessions, col(User.username), col(User.role))
+                 .join(User, col(User.id) == sessions.c.user_id)
                  .where(sessions.c.token_hash == digest(token), sessions.c.revoked_at.is_(None)))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
@@ -142,7 +153,7 @@ class Logins:
         """End every other session of `username` (after a password change)."""
         with self.engine.begin() as conn:
             done = conn.execute(update(sessions).where(
-                sessions.c.username == username, sessions.c.id != keep,
+                sessions.c.user_id == _user_id(username), sessions.c.id != keep,
                 sessions.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
         self._cache.clear()
         return int(done.rowcount)
@@ -164,7 +175,7 @@ class Logins:
         token, now = TOKEN_PREFIX + secrets.token_urlsafe(32), iso(self.clock())
         with self.engine.begin() as conn:
             inserted = conn.execute(tokens.insert().values(
-                username=principal.name, label=label, scope=scope.value, prefix=token[:10],
+                user_id=_user_id(principal.name), label=label, scope=scope.value, prefix=token[:10],
                 hash=digest(token), created_at=now)).inserted_primary_key
         assert inserted is not None
         return TokenInfo(int(inserted[0]), label, scope, token[:10], now, None, None), token
@@ -175,7 +186,8 @@ class Logins:
         return self._cached("t" + token, lambda: self._load_token(token))
 
     def _load_token(self, token: str) -> Login | None:
-        query = (select(tokens, col(User.role)).join(User, col(User.username) == tokens.c.username)
+        query = (select(tokens, col(User.username), col(User.role))
+                 .join(User, col(User.id) == tokens.c.user_id)
                  .where(tokens.c.hash == digest(token), tokens.c.revoked_at.is_(None)))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
@@ -187,11 +199,11 @@ class Logins:
                 conn.execute(update(tokens).where(tokens.c.id == row.id)
                              .values(last_used_at=iso(now)))
         role = lesser(Role(row.scope), Role(row.role))
-        return Login(Principal(row.username, role), token_id=row.id)
+        return Login(Principal(row.username, role), token_id=row.id, secret=token)
 
     def tokens_of(self, username: str) -> list[TokenInfo]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(tokens).where(tokens.c.username == username)
+            rows = conn.execute(select(tokens).where(tokens.c.user_id == _user_id(username))
                                 .order_by(tokens.c.id))
             return [TokenInfo(r.id, r.label, Role(r.scope), r.prefix, r.created_at,
                               r.last_used_at, r.revoked_at) for r in rows]
@@ -200,7 +212,7 @@ class Logins:
         """Revoke one of `username`'s own tokens; False if there is no such live token."""
         with self.engine.begin() as conn:
             done = conn.execute(update(tokens).where(
-                tokens.c.id == token_id, tokens.c.username == username,
+                tokens.c.id == token_id, tokens.c.user_id == _user_id(username),
                 tokens.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
         self._cache.clear()
         return bool(done.rowcount)

@@ -12,11 +12,13 @@ them; at the threshold the account is locked for `lockout_minutes`, doubled for 
 further lockout in a row until a successful login. While locked, every attempt is answered
 LOCKED without the password being looked at.
 
-Attempts that say where they come from (`source`, the client's address) are counted per
-name *and* source, in the table `login_throttle`: a stranger who fails a name from their
-address locks that name for their address only, so they cannot lock the owner out from
-elsewhere, and one address (a proxy) that fails for one name does not lock everyone behind
-it out of every account. Attempts without a source are counted on the user's own row.
+Password attempts that say where they come from (`source`, the client's address) are
+counted per name *and* source, in the table `login_throttle`: a stranger who fails a name
+from their address locks that name for their address only, so they cannot lock the owner
+out from elsewhere, and one address (a proxy) that fails for one name does not lock
+everyone behind it out of every account. Codes (the TOTP step) are counted on the user's
+own row whatever the address: whoever gets there knows the password, and changing address
+must not buy more guesses at the code. Attempts without a source count on the user's row.
 
 A name without an account goes through the same steps on its own counters (its row of
 `login_throttle`): the same Argon2 work, the same writes, and the same answers, REFUSED and
@@ -184,7 +186,7 @@ class Login:
         if factor is None:
             return self._failed(name, now, "totp", source)
         with users.session() as session:
-            user, counters = self._counters(session, name, source)
+            user, counters = self._counters(session, name, None)
             # Another request may have finished this login with the same challenge.
             if user is None or not token_matches(user.login_challenge_hash,
                                                  user.login_challenge_expires, challenge, now):
@@ -218,7 +220,7 @@ class Login:
         `challenge` (the TOTP step), only the user whose password step issued it may go on."""
         threshold = self.users.settings.lockout_threshold
         with self.users.session() as session:
-            user, counters = self._counters(session, name, source)
+            user, counters = self._counters(session, name, _per_address(step, source))
             if challenge is not None and (user is None or not token_matches(
                     user.login_challenge_hash, user.login_challenge_expires, challenge, now)):
                 session.rollback()
@@ -244,7 +246,7 @@ class Login:
         """End an attempt that failed (it was counted when it began): lock the name when the
         failures reach the threshold. REFUSED or LOCKED."""
         with self.users.session() as session:
-            user, counters = self._counters(session, name, source)
+            user, counters = self._counters(session, name, _per_address(step, source))
             account = user is not None
             if is_locked(counters, now):
                 session.commit()
@@ -281,7 +283,7 @@ class Login:
         counters.lockouts += 1
         counters.failed_attempts = 0
         counters.locked_until = now + self.lockout_length(counters.lockouts)
-        if user is not None:  # a TOTP step begun elsewhere cannot go on from another address
+        if counters is user:  # the user's own lockout ends a TOTP step begun anywhere
             user.login_challenge_hash = user.login_challenge_expires = None
 
     def _locked_now(self, name: str, account: bool, counters: Counters, step: str,
@@ -334,3 +336,8 @@ class Login:
         settings = self.users.settings
         minutes = settings.lockout_minutes * 2 ** min(max(lockouts, 1) - 1, 30)
         return timedelta(minutes=min(minutes, settings.lockout_max_minutes))
+
+
+def _per_address(step: str, source: str | None) -> str | None:
+    """The source that keys the counters of `step`: codes count on the user's own row."""
+    return None if step == "totp" else source

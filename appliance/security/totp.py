@@ -212,7 +212,7 @@ class Totp:
         exist. Does not count failures: the login does."""
         name = canonical_username(username)
         typed = normalise_code(code)
-        if len(typed) == 6 and typed.isdigit():
+        if len(typed) == 6 and typed.isascii() and typed.isdigit():
             return Factor.TOTP if self._verify_totp(name, typed) else None
         if len(typed) == _BACKUP_GROUPS * _BACKUP_GROUP_SIZE and set(typed) <= set(ALPHABET):
             return Factor.BACKUP_CODE if self._use_backup_code(name, typed) else None

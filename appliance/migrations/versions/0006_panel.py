@@ -1,5 +1,6 @@
 """The panel: login sessions (the cookie's SHA-256, never the cookie) and API tokens for
-scripts (shown once, kept as a SHA-256 and a prefix to tell them apart).
+scripts (shown once, kept as a SHA-256 and a prefix to tell them apart). Both belong to a
+user row and go with it: a name removed and given again does not inherit them.
 
 Revision ID: 0006
 Revises: 0005
@@ -17,7 +18,8 @@ def upgrade() -> None:
         "panel_sessions",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
-        sa.Column("username", sa.String(64), nullable=False),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+                  nullable=False),
         # Why the session may do nothing but one step: change_password, enrol_totp; or NULL.
         sa.Column("restricted", sa.String(32), nullable=True),
         sa.Column("second_factor", sa.String(16), nullable=True),  # totp, backup_code
@@ -28,11 +30,12 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.String(40), nullable=False),
         sa.Column("revoked_at", sa.String(40), nullable=True),
     )
-    op.create_index("ix_panel_sessions_user", "panel_sessions", ["username"])
+    op.create_index("ix_panel_sessions_user", "panel_sessions", ["user_id"])
     op.create_table(
         "panel_tokens",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("username", sa.String(64), nullable=False),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+                  nullable=False),
         sa.Column("label", sa.String(200), nullable=False),
         sa.Column("scope", sa.String(16), nullable=False),  # a role, at most the owner's
         sa.Column("prefix", sa.String(16), nullable=False),
@@ -41,7 +44,7 @@ def upgrade() -> None:
         sa.Column("last_used_at", sa.String(40), nullable=True),
         sa.Column("revoked_at", sa.String(40), nullable=True),
     )
-    op.create_index("ix_panel_tokens_user", "panel_tokens", ["username"])
+    op.create_index("ix_panel_tokens_user", "panel_tokens", ["user_id"])
 
 
 def downgrade() -> None:

@@ -1,7 +1,8 @@
 """The person's own account: password, TOTP enrolment, API tokens for scripts.
 
 These are open to every role (a viewer changes their own password too) and to a session
-restricted to its first step, which is one of them.
+restricted to its first step, which is one of them, but never to an API token: a script
+does not get to change its owner's credentials or make more tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from appliance.errors import AuthError, ValidationFailed
 from appliance.panel.auth import client_source
-from appliance.panel.deps import LoginDep, Panel, PanelDep, Viewer
+from appliance.panel.deps import LoginDep, Panel, PanelDep, SessionLogin, Viewer
 from appliance.panel.pages import redirect, render
 from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, Login
 from appliance.security import audit as events
@@ -33,16 +34,8 @@ class TokenBody(BaseModel):
     scope: Role = Field(Role.VIEWER, description="what the token may do: at most your role")
 
 
-def _session(login: Login) -> int:
-    if login.session_id is None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            "API tokens are made and revoked from a logged-in session")
-    return login.session_id
-
-
-async def create_token(panel: Panel, login: Login, by: Principal, label: str,
+async def create_token(panel: Panel, by: Principal, label: str,
                        scope: Role) -> tuple[dict[str, Any], str]:
-    _session(login)
     try:
         info, token = await asyncio.to_thread(panel.logins.create_token, by, label, scope)
     except ValueError as exc:
@@ -52,8 +45,7 @@ async def create_token(panel: Panel, login: Login, by: Principal, label: str,
     return asdict(info), token
 
 
-async def revoke_token(panel: Panel, login: Login, by: Principal, token_id: int) -> bool:
-    _session(login)
+async def revoke_token(panel: Panel, by: Principal, token_id: int) -> bool:
     if not await asyncio.to_thread(panel.logins.revoke_token, by.name, token_id):
         return False
     await asyncio.to_thread(panel.audit.record, events.TOKEN_REVOKE, actor=by.actor,
@@ -77,17 +69,18 @@ async def tokens(by: Viewer, panel: PanelDep) -> list[dict[str, Any]]:
 
 
 @api.post("/tokens", status_code=201)
-async def token_create(body: TokenBody, login: LoginDep, by: Viewer,
+async def token_create(body: TokenBody, _: SessionLogin, by: Viewer,
                        panel: PanelDep) -> dict[str, Any]:
-    """A token for a script (`Authorization: Bearer ct_…`); shown in this answer only."""
-    info, token = await create_token(panel, login, by, body.label, body.scope)
+    """A token for a script (`Authorization: Bearer ct_…`); shown in this answer only. From
+    a logged-in session (a token cannot make tokens)."""
+    info, token = await create_token(panel, by, body.label, body.scope)
     return info | {"token": token}
 
 
 @api.delete("/tokens/{token_id}")
-async def token_revoke(token_id: int, login: LoginDep, by: Viewer,
+async def token_revoke(token_id: int, _: SessionLogin, by: Viewer,
                        panel: PanelDep) -> dict[str, Any]:
-    if not await revoke_token(panel, login, by, token_id):
+    if not await revoke_token(panel, by, token_id):
         raise HTTPException(404, f"no live token {token_id} of yours")
     return {"revoked": token_id}
 
@@ -103,7 +96,7 @@ async def _page(request: Request, panel: Panel, login: Login, code: int = 200,
 
 
 @pages.get("")
-async def account_page(request: Request, login: LoginDep, panel: PanelDep) -> Response:
+async def account_page(request: Request, login: SessionLogin, panel: PanelDep) -> Response:
     return await _page(request, panel, login)
 
 
@@ -114,7 +107,7 @@ def _next_step(panel: Panel, login: Login, enrolled: bool) -> str | None:
 
 
 @pages.post("/password")
-async def password_submit(request: Request, login: LoginDep, panel: PanelDep,
+async def password_submit(request: Request, login: SessionLogin, panel: PanelDep,
                           current: FormStr, new: FormStr, again: FormStr) -> Response:
     if new != again:
         return await _page(request, panel, login, 422, password_error="The new passwords differ.")
@@ -134,16 +127,20 @@ async def password_submit(request: Request, login: LoginDep, panel: PanelDep,
 
 
 @pages.post("/totp")
-async def totp_begin(request: Request, login: LoginDep, panel: PanelDep) -> Response:
+async def totp_begin(request: Request, login: SessionLogin, panel: PanelDep) -> Response:
     if login.restricted == CHANGE_PASSWORD:
         return redirect("/account")
+    if await asyncio.to_thread(panel.users.totp.is_enrolled, login.principal.name):
+        return await _page(request, panel, login, 409, totp_error=(
+            "An app is set up already. To move to another, an admin runs "
+            f"`circles user totp-reset {login.principal.name}`, then you set up the new one."))
     enrolment = await asyncio.to_thread(panel.users.totp.begin_enrolment, login.principal.name)
     secret = parse_qs(urlparse(enrolment.uri).query).get("secret", [""])[0]
     return await _page(request, panel, login, enrolment=enrolment, secret=secret)
 
 
 @pages.post("/totp/confirm")
-async def totp_confirm(request: Request, login: LoginDep, panel: PanelDep,
+async def totp_confirm(request: Request, login: SessionLogin, panel: PanelDep,
                        code: FormStr) -> Response:
     if login.restricted == CHANGE_PASSWORD:
         return redirect("/account")
@@ -159,19 +156,20 @@ async def totp_confirm(request: Request, login: LoginDep, panel: PanelDep,
 
 
 @pages.post("/tokens")
-async def token_create_page(request: Request, login: LoginDep, by: Viewer, panel: PanelDep,
+async def token_create_page(request: Request, login: SessionLogin, by: Viewer,
+                            panel: PanelDep,
                             label: Annotated[str, Form(min_length=1, max_length=200)],
                             scope: Annotated[Role, Form()] = Role.VIEWER) -> Response:
     try:
-        info, token = await create_token(panel, login, by, label, scope)
+        info, token = await create_token(panel, by, label, scope)
     except HTTPException as exc:
         return await _page(request, panel, login, exc.status_code, token_error=exc.detail)
     return await _page(request, panel, login, new_token=token, new_token_info=info)
 
 
 @pages.post("/tokens/{token_id}/revoke")
-async def token_revoke_page(token_id: int, login: LoginDep, by: Viewer,
+async def token_revoke_page(token_id: int, _: SessionLogin, by: Viewer,
                             panel: PanelDep) -> Response:
-    done = await revoke_token(panel, login, by, token_id)
+    done = await revoke_token(panel, by, token_id)
     return redirect("/account", f"Token {token_id} revoked." if done
                     else f"No live token {token_id} of yours.")

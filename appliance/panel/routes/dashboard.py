@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
+from appliance.panel.auth import login_of
 from appliance.panel.deps import PanelDep, Viewer
 from appliance.panel.pages import render, templates
 
@@ -52,9 +53,14 @@ async def live(part: str, request: Request, _: Viewer, panel: PanelDep) -> Strea
     name, context = PARTS[part]
     template = templates.get_template(name)
 
+    login = login_of(request)
+    assert login is not None  # Viewer passed
+
     async def events() -> AsyncIterator[str]:
         version = -1
-        while not await request.is_disconnected():
+        # Until the page goes, or its login does (logout, revoked, expired, demoted).
+        while not await request.is_disconnected() and await asyncio.to_thread(
+                panel.logins.still, login):
             seen = await panel.view.changed(version, KEEPALIVE_S)
             if seen == version:
                 yield ": keepalive\n\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request, Response, status
+from fastapi import APIRouter, Form, HTTPException, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from appliance.panel.auth import (
@@ -53,7 +53,10 @@ def _form(request: Request, name: str, *, error: str | None = None, code: int = 
 
 
 async def _check_pre_csrf(request: Request) -> None:
-    await check_csrf(request, csrf_for(request.cookies.get(PRE_COOKIE, "")))
+    secret, missing = pre_login_secret(request)
+    if missing:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "reload the login page and try again")
+    await check_csrf(request, csrf_for(secret))
 
 
 @router.get("/login")
@@ -73,18 +76,18 @@ def _refused(request: Request, result: LoginResult, page: str, **context: object
                  **context)
 
 
-def _start_session(request: Request, panel: PanelDep, result: LoginResult, target: str) -> Response:
+async def _start_session(request: Request, panel: PanelDep, result: LoginResult,
+                         target: str) -> Response:
     assert result.username and result.role
     restricted = None
     if result.outcome in (Outcome.MUST_CHANGE_PASSWORD, Outcome.EXPIRED):
         restricted = CHANGE_PASSWORD
     elif panel.require_totp and result.role in TOTP_ROLES and result.must_enrol_totp:
         restricted = ENROL_TOTP
-    token = panel.logins.open(result.username, source=client_source(request),
-                              user_agent=request.headers.get("user-agent", ""),
-                              restricted=restricted,
-                              second_factor=result.second_factor.value
-                              if result.second_factor else None)
+    token = await asyncio.to_thread(
+        panel.logins.open, result.username, source=client_source(request),
+        user_agent=request.headers.get("user-agent", ""), restricted=restricted,
+        second_factor=result.second_factor.value if result.second_factor else None)
     response = redirect("/account" if restricted else target)
     response.set_cookie(SESSION_COOKIE, token, max_age=int(panel.logins.max_age.total_seconds()),
                         httponly=True, samesite="strict", secure=panel.tls, path="/")
@@ -105,7 +108,7 @@ async def login_submit(request: Request, panel: PanelDep, username: FormStr, pas
         return response
     if result.username is None:
         return _refused(request, result, "login.html", username=username)
-    return _start_session(request, panel, result, safe_next(next))
+    return await _start_session(request, panel, result, safe_next(next))
 
 
 @router.get("/login/totp")
@@ -128,7 +131,7 @@ async def totp_submit(request: Request, panel: PanelDep, code: FormStr,
         if result.outcome is Outcome.LOCKED:
             return _refused(request, result, "login.html")
         return _refused(request, result, "totp.html")
-    return _start_session(request, panel, result, safe_next(next))
+    return await _start_session(request, panel, result, safe_next(next))
 
 
 @router.post("/logout")
