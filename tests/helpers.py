@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +215,17 @@ async def serving(broker: TestBroker, service_cls: type[Service], state: Path,
         await online.close()
         stop.set()
         await task
+
+
+async def services_online(broker: TestBroker, names: Sequence[str], timeout: float = 30) -> None:
+    """Wait until each of `names` has said `online` on its status topic."""
+    topics = [str(registry.SERVICE_STATUS.topic(service=n)) for n in names]
+    watch = await Collector.start(broker, *topics)
+    try:
+        await watch.wait(lambda ms: all(any(m.topic == t and m.payload == b"online" for m in ms)
+                                        for t in topics), timeout, "services online")
+    finally:
+        await watch.close()
 
 
 async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:

@@ -18,14 +18,13 @@ import pyotp
 from argon2 import PasswordHasher
 
 from appliance import db
-from appliance.bus import registry
 from appliance.ledger import Ledger, Signer
 from appliance.security.audit import AuditLog
 from appliance.security.crypto import Keyring
 from appliance.security.permissions import Role
 from appliance.security.users import Users
 from appliance.supervisor import free_port, port_open
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import ServiceProcess, TestBroker, services_online
 
 PASSWORD = "correct horse battery staple"
 SERVICES = ("trade-logger", "risk", "panel")
@@ -101,16 +100,6 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
-async def _online(broker: TestBroker, names: tuple[str, ...]) -> None:
-    topics = [str(registry.SERVICE_STATUS.topic(service=n)) for n in names]
-    watch = await Collector.start(broker, *topics)
-    try:
-        await watch.wait(lambda ms: all(any(m.topic == t and m.payload == b"online" for m in ms)
-                                        for t in topics), 30, "services online")
-    finally:
-        await watch.close()
-
-
 def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
     """Start the services; yield the box; stop them and print their logs."""
     port = free_port(38280)
@@ -126,7 +115,7 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
     procs = [ServiceProcess(name, environment, tmp) for name in SERVICES]
     box = PanelBox(broker, url, port, users, procs)
     try:
-        asyncio.run(_online(broker, SERVICES))
+        asyncio.run(services_online(broker, SERVICES))
         deadline = time.monotonic() + 20
         while not port_open("127.0.0.1", port):
             assert time.monotonic() < deadline, procs[-1].log

@@ -59,6 +59,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("DELETE", "/api/v1/tokens/{token_id}"): (SELF, "/api/v1/tokens/999999", None),
     ("GET", "/api/openapi.json"): (VIEW, "/api/openapi.json", None),
     ("GET", "/api/docs"): (VIEW, "/api/docs", None),
+    ("GET", "/api/docs/assets/{name}"): (PUBLIC, "/api/docs/assets/swagger-ui.css", None),
     ("POST", "/api/v1/trade_events"): (INGEST, "/api/v1/trade_events", {}),
     ("GET", "/api/v1/metrics"): (INGEST, "/api/v1/metrics?account=x", None),
     ("GET", "/api/v1/equity"): (INGEST, "/api/v1/equity?account=x", None),

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 
 from appliance import db
-from appliance.bus import registry
 from appliance.bus.trade_event import chain_for
 from appliance.ledger import Ledger, Signer
 from appliance.panel import api_keys
 from appliance.simulate import simulated_trades
 from appliance.supervisor import free_port, port_open
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import ServiceProcess, TestBroker, services_online
 
 
 @dataclass
@@ -57,16 +56,6 @@ class Box:
             return exc.code, json.loads(exc.read())
 
 
-async def _online(broker: TestBroker, names: list[str]) -> None:
-    topics = [str(registry.SERVICE_STATUS.topic(service=n)) for n in names]
-    watch = await Collector.start(broker, *topics)
-    try:
-        await watch.wait(lambda ms: all(any(m.topic == t and m.payload == b"online" for m in ms)
-                                        for t in topics), 20, "services online")
-    finally:
-        await watch.close()
-
-
 @pytest.fixture(scope="module")
 def box(broker: TestBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     tmp = tmp_path_factory.mktemp("ingest")
@@ -75,7 +64,7 @@ def box(broker: TestBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = broker.env(CIRCLES_DATABASE__URL=url, CIRCLES_PANEL__PORT=str(port))
     procs = [ServiceProcess(name, env, tmp) for name in ("trade-logger", "panel")]
     try:
-        asyncio.run(_online(broker, ["trade-logger", "panel"]))
+        asyncio.run(services_online(broker, ["trade-logger", "panel"]))
         deadline = time.monotonic() + 20
         while not port_open("127.0.0.1", port):
             assert time.monotonic() < deadline, procs[1].log

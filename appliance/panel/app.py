@@ -11,7 +11,6 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from appliance.panel.auth import PanelMiddleware, csrf_protect, login_of
 from appliance.panel.deps import Panel
@@ -40,7 +39,6 @@ def create_app(panel: Panel) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
-    app.mount("/api/docs/assets", CachedStatic(directory=swagger_ui_path), name="swagger")
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(PanelMiddleware, logins=panel.logins, tls=panel.tls)
     return app

@@ -46,14 +46,17 @@ class Panel:
         return self.users.audit.ledger
 
     async def ask(self, service: str, command: str, args: dict[str, Any] | None = None) -> Any:
-        """A service's answer to a command; 503 when it does not answer, 502 on its error."""
+        """A service's answer to a command; 503 when it does not answer, 404 when the trade
+        logger has no such account, 502 on any other error of the service."""
         try:
             reply = await self.bus.request(service, command, args or {},
                                            timeout=self.request_timeout_s)
         except TemporaryError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
         if not reply.ok:
-            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"{service}: {reply.error}")
+            code = status.HTTP_404_NOT_FOUND if "no trade events" in (reply.error or "") \
+                else status.HTTP_502_BAD_GATEWAY
+            raise HTTPException(code, f"{service}: {reply.error}")
         return reply.result
 
 

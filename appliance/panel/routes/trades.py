@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from appliance.bus.topics import describe, slug
 from appliance.bus.trade_event import MAX_EVENT_BYTES, AcceptedEvent, TradeEvent, parse_json
 from appliance.errors import TemporaryError, ValidationFailed
-from appliance.panel.deps import ApiAccount, BusDep, SenderDep, TimeoutDep
+from appliance.panel.deps import ApiAccount, PanelDep, SenderDep, TimeoutDep
 
 router = APIRouter(prefix="/api/v1", tags=["trades"])
 MAX_EVENTS = 1000
@@ -78,18 +78,6 @@ async def post_trade_events(request: Request, response: Response, account: ApiAc
     return results if isinstance(doc, list) else results[0]
 
 
-async def _ask(bus: BusDep, command: str, args: dict[str, Any], timeout: float) -> Any:
-    try:
-        reply = await bus.request(TRADE_LOGGER, command, args, timeout=timeout)
-    except TemporaryError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    if not reply.ok:
-        code = (status.HTTP_404_NOT_FOUND if "no trade events" in (reply.error or "")
-                else status.HTTP_502_BAD_GATEWAY)
-        raise HTTPException(code, reply.error)
-    return reply.result
-
-
 def _own(account: str, wanted: str) -> str:
     try:
         wanted = slug(wanted)
@@ -101,16 +89,16 @@ def _own(account: str, wanted: str) -> str:
 
 
 @router.get("/metrics")
-async def get_metrics(account: ApiAccount, bus: BusDep, timeout: TimeoutDep,
+async def get_metrics(account: ApiAccount, panel: PanelDep,
                       account_id: str = Query(alias="account")) -> Any:
     """The account's metrics (docs/metrics.md)."""
-    return await _ask(bus, "metrics", {"account": _own(account, account_id)}, timeout)
+    return await panel.ask(TRADE_LOGGER, "metrics", {"account": _own(account, account_id)})
 
 
 @router.get("/equity")
-async def get_equity(account: ApiAccount, bus: BusDep, timeout: TimeoutDep,
+async def get_equity(account: ApiAccount, panel: PanelDep,
                      account_id: str = Query(alias="account"),
                      max_points: int = Query(1000, ge=2, le=100_000)) -> Any:
     """The account's equity curve, oldest first: `[{"ts": …, "equity": …}, …]`."""
-    return await _ask(bus, "equity", {"account": _own(account, account_id),
-                                      "max_points": max_points}, timeout)
+    return await panel.ask(TRADE_LOGGER, "equity", {"account": _own(account, account_id),
+                                                    "max_points": max_points})

@@ -13,11 +13,12 @@ from appliance.bus.topics import slug
 from appliance.panel.charts import equity_svg
 from appliance.panel.deps import Panel, PanelDep, TradingControl, Viewer
 from appliance.panel.pages import redirect, render
+from appliance.panel.routes.trades import TRADE_LOGGER
 from appliance.security.permissions import Principal
 
 api = APIRouter(prefix="/api/v1/trading", tags=["trading"])
 pages = APIRouter(prefix="/trading", include_in_schema=False)
-RISK, TRADE_LOGGER = "risk", "trade-logger"
+RISK = "risk"
 MAX_REASON = 200
 
 
