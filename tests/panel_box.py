@@ -109,8 +109,14 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
     users = Users(engine, AuditLog(Ledger(engine, Signer.load_or_create(broker.state))),
                   keyring=Keyring.load_or_create(broker.state),
                   hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    # The risk service watches only an account of its own, and nothing of the box, so what
+    # other tests left retained on the shared broker (positions, feeds, health) cannot
+    # breach a limit and refuse a resume here.
     environment = broker.env(CIRCLES_DATABASE__URL=url, CIRCLES_PANEL__PORT=str(port),
                              CIRCLES_RISK__REQUIRE_CLOCK_SYNC="false",
+                             CIRCLES_RISK__HALT_ON_STALE_MARKET="false",
+                             CIRCLES_RISK__MAX_DISK_PERCENT="off",
+                             CIRCLES_RISK__ACCOUNTS="panel-box-only",
                              CIRCLES_PANEL__TRUSTED_PROXIES='["127.0.0.1"]', **env)
     procs = [ServiceProcess(name, environment, tmp) for name in SERVICES]
     box = PanelBox(broker, url, port, users, procs)
