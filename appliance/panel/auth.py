@@ -127,11 +127,3 @@ def pre_login_secret(request: Request) -> tuple[str, bool]:
     if value and len(value) >= 32:
         return value, False
     return secrets.token_urlsafe(32), True
-
-
-def csrf_token(request: Request) -> str:
-    """The CSRF token to put in this page's forms."""
-    login = login_of(request)
-    if login is not None and login.session_id is not None:
-        return csrf_for(login.secret)
-    return csrf_for(pre_login_secret(request)[0])

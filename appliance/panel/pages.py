@@ -11,8 +11,9 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from appliance.panel.auth import csrf_token, login_of
+from appliance.panel.auth import login_of
 from appliance.panel.charts import money
+from appliance.panel.sessions import csrf_for
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -28,7 +29,7 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     flash = unquote(request.cookies.get(FLASH_COOKIE, "")) or None
     response = templates.TemplateResponse(request, name, {
         "login": login, "user": getattr(request.state, "principal", None),
-        "csrf": csrf_token(request) if login and login.session_id else "",
+        "csrf": csrf_for(login.secret) if login and login.session_id else "",
         "nav": NAV, "path": request.url.path, "flash": flash, **context},
         status_code=status_code)
     if flash:

@@ -75,7 +75,6 @@ class Login:
     session_id: int | None = None  # None: a bearer token
     restricted: str | None = None
     second_factor: str | None = None
-    token_id: int | None = None
     secret: str = field(default="", repr=False)  # the cookie (the CSRF token's source) or token
 
 
@@ -199,7 +198,7 @@ class Logins:
                 conn.execute(update(tokens).where(tokens.c.id == row.id)
                              .values(last_used_at=iso(now)))
         role = lesser(Role(row.scope), Role(row.role))
-        return Login(Principal(row.username, role), token_id=row.id, secret=token)
+        return Login(Principal(row.username, role), secret=token)
 
     def tokens_of(self, username: str) -> list[TokenInfo]:
         with self.engine.connect() as conn:
