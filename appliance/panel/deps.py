@@ -68,10 +68,6 @@ async def _panel(request: Request) -> Panel:
 PanelDep = Annotated[Panel, Depends(_panel)]
 
 
-async def _bus(panel: PanelDep) -> Bus:
-    return panel.bus
-
-
 async def _engine(panel: PanelDep) -> Engine:
     return panel.engine
 
@@ -84,7 +80,6 @@ async def _timeout(panel: PanelDep) -> float:
     return panel.request_timeout_s
 
 
-BusDep = Annotated[Bus, Depends(_bus)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 SenderDep = Annotated[TradeSender, Depends(_sender)]
 TimeoutDep = Annotated[float, Depends(_timeout)]

@@ -24,7 +24,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, ScalarSelect, String, 
 from sqlmodel import col
 
 from appliance.security.permissions import Principal, Role
-from appliance.security.users import User
+from appliance.security.users import User, digest_token
 
 metadata = MetaData()
 sessions = Table("panel_sessions", metadata, Column("id", Integer, primary_key=True),
@@ -44,10 +44,6 @@ TOUCH_EVERY = timedelta(minutes=1)  # last_seen_at is written at most this often
 RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 # A restricted session may do one thing: the step the login said must come first.
 CHANGE_PASSWORD, ENROL_TOTP = "change_password", "enrol_totp"
-
-
-def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def csrf_for(secret: str) -> str:
@@ -104,7 +100,7 @@ class Logins:
         token, now = secrets.token_urlsafe(32), self.clock()
         with self.engine.begin() as conn:
             conn.execute(sessions.insert().values(
-                token_hash=digest(token), user_id=_user_id(username), restricted=restricted,
+                token_hash=digest_token(token), user_id=_user_id(username), restricted=restricted,
                 second_factor=second_factor, source=source[:64], user_agent=user_agent[:200],
                 created_at=iso(now), last_seen_at=iso(now), expires_at=iso(now + self.max_age)))
         return token
@@ -128,7 +124,7 @@ class Logins:
         now = self.clock()
         query = (select(sessions, col(User.username), col(User.role))
                  .join(User, col(User.id) == sessions.c.user_id)
-                 .where(sessions.c.token_hash == digest(token), sessions.c.revoked_at.is_(None)))
+                 .where(sessions.c.token_hash == digest_token(token), sessions.c.revoked_at.is_(None)))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None or row.expires_at <= iso(now) \
@@ -175,7 +171,7 @@ class Logins:
         with self.engine.begin() as conn:
             inserted = conn.execute(tokens.insert().values(
                 user_id=_user_id(principal.name), label=label, scope=scope.value, prefix=token[:10],
-                hash=digest(token), created_at=now)).inserted_primary_key
+                hash=digest_token(token), created_at=now)).inserted_primary_key
         assert inserted is not None
         return TokenInfo(int(inserted[0]), label, scope, token[:10], now, None, None), token
 
@@ -187,7 +183,7 @@ class Logins:
     def _load_token(self, token: str) -> Login | None:
         query = (select(tokens, col(User.username), col(User.role))
                  .join(User, col(User.id) == tokens.c.user_id)
-                 .where(tokens.c.hash == digest(token), tokens.c.revoked_at.is_(None)))
+                 .where(tokens.c.hash == digest_token(token), tokens.c.revoked_at.is_(None)))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from appliance.bus import ONLINE
+from appliance.bus.payloads import utcnow
 
 
 @dataclass
 class ServiceSeen:
     online: bool
     since: str | None  # when the status changed to this, as its sender said (or when seen)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class BoxView:
@@ -57,7 +53,7 @@ class BoxView:
             online = text.strip() == ONLINE
             seen = self.services.get(service)
             if seen is None or seen.online != online:
-                self.services[service] = ServiceSeen(online, sent_at or now_iso())
+                self.services[service] = ServiceSeen(online, sent_at or utcnow())
         await self._bump()
 
     async def set(self, what: str, value: dict[str, Any] | None) -> None:

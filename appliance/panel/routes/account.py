@@ -19,7 +19,7 @@ from appliance.errors import AuthError, ValidationFailed
 from appliance.panel.auth import client_source
 from appliance.panel.deps import LoginDep, Panel, PanelDep, SessionLogin, Viewer
 from appliance.panel.pages import redirect, render
-from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, Login
+from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, RANK, Login
 from appliance.security import audit as events
 from appliance.security.permissions import TOTP_ROLES, Principal, Role
 from appliance.security.users import UnknownUser
@@ -92,7 +92,7 @@ async def _page(request: Request, panel: Panel, login: Login, code: int = 200,
     info = await asyncio.to_thread(panel.users.get, name)
     listed = [] if login.restricted else await asyncio.to_thread(panel.logins.tokens_of, name)
     return render(request, "account.html", code, info=info, tokens=listed,
-                  roles=[r for r in Role], **context)
+                  scopes=[r for r in Role if RANK[r] <= RANK[login.principal.role]], **context)
 
 
 @pages.get("")
