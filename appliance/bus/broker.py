@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.bus.roles import ADMIN_ROLE, KINDS, role
 from appliance.errors import ConfigError
+from appliance.files import write_atomically
 from appliance.security.secrets import ensure_secret, read_secret
 
 ADMIN_USER = "broker-admin"
@@ -130,11 +131,8 @@ def initial_dynsec(admin_password: str) -> dict[str, Any]:
 def _write_if_changed(path: Path, text: str, mode: int) -> bool:
     if path.exists() and path.read_text() == text:
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda out: out.write(text.encode()))
+    os.chmod(path, mode)  # whatever the umask: Mosquitto re-reads its config as its own user
     return True
 
 
