@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from appliance.ledger import Ledger
 
 T = TypeVar("T")
+SERVICE_USER = "circles"  # the system user the services run as on a box
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -60,10 +61,14 @@ def _cmd_broker_sync(args: argparse.Namespace) -> int:
     from appliance import services
     from appliance.bus.admin import BrokerAdmin
 
+    settings = load_settings()
+    state = Path(args.state) if args.state else settings.state_dir
+
     async def sync() -> list[str]:
-        admin = await BrokerAdmin.connect(args.host, args.port, Path(args.state))
+        admin = await BrokerAdmin.connect(args.host or settings.bus.host,
+                                          args.port or settings.bus.port, state)
         try:
-            return await admin.sync(services.names(), Path(args.state))
+            return await admin.sync(services.names(), state)
         finally:
             await admin.close()
 
@@ -89,6 +94,41 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def act_as(name: str) -> bool:
+    """Run as the system user `name` from now on, for good, when running as root and that
+    user exists: its groups, gid and uid, its HOME, and umask 077, so the files made in the
+    state directory belong to it and stay private to it (root-owned files there would be
+    unreadable to the services). LOGNAME/USER keep naming the person, whom the audit log
+    records. Returns whether it switched: False when not root,
+    or when there is no such user (a developer's machine)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return False
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        return False
+    try:
+        os.initgroups(name, user.pw_gid)  # groups first: only root may set them
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    except OSError as exc:
+        raise OperationalError(f"cannot act as the user {name}: {exc.strerror}") from None
+    if {os.getuid(), os.geteuid()} != {user.pw_uid} or {os.getgid(), os.getegid()} != {
+            user.pw_gid}:
+        raise OperationalError(f"cannot act as the user {name}: the switch did not take")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass  # as it must: root is gone for good
+    else:
+        raise OperationalError(f"acting as the user {name}, yet root could be taken back")
+    os.environ["HOME"] = user.pw_dir
+    os.umask(0o077)
+    return True
+
+
 def load_settings() -> CoreSettings:
     from appliance import config
 
@@ -101,20 +141,26 @@ def box_ledger() -> Ledger:
     return open_ledger(load_settings())
 
 
-def ask_secret(label: str, *, multiline: bool = False) -> str:
-    """A secret typed twice, hidden, at a terminal; else read from stdin (one line, or all of
-    it with `multiline`, e.g. a PEM key). Never from the command line, where `ps` shows it."""
+def read_line(prompt: str) -> str:
+    """One line typed, hidden, at a terminal after `prompt`; else the next line of stdin
+    ('' at its end). Never from the command line, where `ps` shows it."""
     if sys.stdin.isatty():
         import getpass
 
-        value = getpass.getpass(f"{label}: ")
-        if getpass.getpass("again: ") != value:
-            raise OperationalError(f"the two {label}s differ; nothing changed")
-    elif multiline:
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def ask_secret(label: str, *, multiline: bool = False) -> str:
+    """A secret typed twice, hidden, at a terminal; else read from stdin (one line, or all of
+    it with `multiline`, e.g. a PEM key)."""
+    if multiline and not sys.stdin.isatty():
         # One trailing newline is how `echo` and files end; it is not part of the secret.
         value = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     else:
-        value = sys.stdin.readline().rstrip("\r\n")
+        value = read_line(f"{label}: ")
+        if sys.stdin.isatty() and read_line("again: ") != value:
+            raise OperationalError(f"the two {label}s differ; nothing changed")
     if not value:
         raise OperationalError(f"no {label} given; nothing changed")
     return value
@@ -382,9 +428,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--user", help="the user Mosquitto drops to when started as root")
     init.set_defaults(func=_cmd_broker_init)
     sync = bsub.add_parser("sync", help="bring roles and service clients up to date")
-    sync.add_argument("--state", required=True)
-    sync.add_argument("--host", default="127.0.0.1")
-    sync.add_argument("--port", type=int, default=1883)
+    sync.add_argument("--state", help="the state directory (default: the configuration's)")
+    sync.add_argument("--host", help="the broker (default: the configuration's bus.host)")
+    sync.add_argument("--port", type=int, help="default: the configuration's bus.port")
     sync.set_defaults(func=_cmd_broker_sync)
 
     cfg = sub.add_parser("config", help="configuration")
@@ -465,9 +511,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, crypto, devices, home, trading, users
+    from appliance.cli import audit, crypto, db, devices, home, trading, users
 
-    for area in (users, crypto, audit, devices, trading, home):
+    for area in (users, crypto, audit, devices, trading, home, db):
         area.add_commands(sub)
     return top
 
@@ -475,6 +521,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        act_as(SERVICE_USER)  # root on a box: as the services, so they can read what it makes
         return int(args.func(args))
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

@@ -5,6 +5,9 @@ directory) may manage its users. Each change is audit-logged as `cli:<unix user>
 Passwords are read from the terminal without echo, or from standard input when it is not
 a terminal (`… | circles user add NAME`), never from the arguments, which other users of
 the machine can see in the process list.
+
+`circles user login NAME` checks a password (and a TOTP code) as the panel's login does,
+counted and audit-logged the same way, from the source `cli`; it opens no session.
 """
 
 from __future__ import annotations
@@ -13,19 +16,25 @@ import argparse
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from appliance.cli import ask_secret
+from appliance.cli import ask_secret, read_line
+from appliance.errors import OperationalError
 
 if TYPE_CHECKING:
+    from appliance.security.login import LoginResult
     from appliance.security.users import UserInfo, Users
 
 _ROLES = ("admin", "operator", "viewer")
+SOURCE = "cli"  # where console logins come from: their lockout is the console's own
 
 
-def _users() -> Users:
+def _users(*, keyring: bool = False) -> Users:
+    """The box's users; with the keyring that TOTP codes need."""
     from appliance.cli import load_settings
+    from appliance.security.crypto import Keyring
     from appliance.security.users import Users
 
-    return Users.open(load_settings())
+    settings = load_settings()
+    return Users.open(settings, Keyring.load_or_create(settings.state_dir) if keyring else None)
 
 
 def _actor() -> str:
@@ -49,6 +58,42 @@ def _cmd_add(args: argparse.Namespace) -> int:
         print(f"password (shown once; {made.username} must change it at first login):")
         print(password)
     return 0
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    from appliance.security.login import Outcome
+
+    password = read_line("password: ")
+    if not password:
+        raise OperationalError("no password given; nothing checked")
+    users = _users(keyring=True)
+    result = users.authenticate(args.name, password, source=SOURCE)
+    if result.outcome is Outcome.NEEDS_TOTP:
+        assert result.username and result.challenge
+        code = args.code or read_line("TOTP code: ")
+        if not code:
+            raise OperationalError("no TOTP code given; the login is not finished")
+        result = users.authenticate_totp(result.username, result.challenge, code, source=SOURCE)
+    print(_verdict(result))
+    return 0 if result.username else 1
+
+
+_NEXT: dict[str, str] = {  # by outcome: what the panel will ask for first
+    "must_change_password": "must change the password at first panel login",
+    "expired": "the password has expired: a new one at the next panel login"}
+
+
+def _verdict(result: LoginResult) -> str:
+    """What a login's answer means for the person, in one line."""
+    if result.username is None:
+        if result.locked_until:
+            until = _when(result.locked_until)
+            return f"login refused: too many failed attempts; locked until {until}"
+        return "login refused: wrong name, password or code"
+    notes = [_NEXT[result.outcome]] if result.outcome in _NEXT else []
+    if result.must_enrol_totp:
+        notes.append("no authenticator app yet (the panel asks for one first)")
+    return "; ".join([f"login ok: {result.username} (role {result.role})", *notes])
 
 
 def _state(user: UserInfo) -> str:
@@ -131,6 +176,13 @@ def add_commands(sub: Any) -> None:
     totp = usub.add_parser("totp-reset", help="remove a user's TOTP (a lost phone)")
     totp.add_argument("name")
     totp.set_defaults(func=_cmd_totp_reset)
+
+    login = usub.add_parser("login", help="check a password (and TOTP code) as the panel's "
+                                          "login does; exit 0 if it would log in")
+    login.add_argument("name")
+    login.add_argument("--code", help="the TOTP code or a backup code (default: asked for, "
+                                      "or the second line of stdin)")
+    login.set_defaults(func=_cmd_login)
 
     remove = usub.add_parser("remove", help="delete a user")
     remove.add_argument("name")
