@@ -1,7 +1,7 @@
 """A box for the panel's tests: the trade logger, the risk service and the panel as their
-own processes on the session broker, with a database of their own and three people (an
-admin and an operator with TOTP, a viewer without), and an HTTP client that logs in as a
-browser does."""
+own processes on the session broker, with a database of their own, the root certificate of
+a CA of its own, and three people (an admin and an operator with TOTP, a viewer without),
+and an HTTP client that logs in as a browser does."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from appliance.security.permissions import Role
 from appliance.security.users import Users
 from appliance.supervisor import free_port, port_open
 from tests.helpers import ServiceProcess, TestBroker, services_online
+from tests.test_firmware import write_tls_files
 
 PASSWORD = "correct horse battery staple"
 SERVICES = ("trade-logger", "risk", "panel")
@@ -46,6 +47,7 @@ class PanelBox:
     port: int
     users: Users
     procs: list[ServiceProcess]
+    ca_cert: Path
     people: dict[Role, Person] = field(default_factory=dict)
 
     @property
@@ -103,6 +105,7 @@ def csrf_of(html: str) -> str:
 def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
     """Start the services; yield the box; stop them and print their logs."""
     port = free_port(38280)
+    ca_cert = write_tls_files(tmp / "tls")[0]
     url = f"sqlite:///{tmp / 'panel.db'}"
     engine = db.make_engine(url)
     db.migrate(engine)
@@ -117,9 +120,10 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
                              CIRCLES_RISK__HALT_ON_STALE_MARKET="false",
                              CIRCLES_RISK__MAX_DISK_PERCENT="off",
                              CIRCLES_RISK__ACCOUNTS="panel-box-only",
-                             CIRCLES_PANEL__TRUSTED_PROXIES='["127.0.0.1"]', **env)
+                             CIRCLES_PANEL__TRUSTED_PROXIES='["127.0.0.1"]',
+                             CIRCLES_PANEL__CA_CERT=str(ca_cert), **env)
     procs = [ServiceProcess(name, environment, tmp) for name in SERVICES]
-    box = PanelBox(broker, url, port, users, procs)
+    box = PanelBox(broker, url, port, users, procs, ca_cert)
     try:
         asyncio.run(services_online(broker, SERVICES))
         deadline = time.monotonic() + 20

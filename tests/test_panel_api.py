@@ -4,7 +4,9 @@ halt reaching the risk service and the audit log, headers, and no secret in any 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +24,10 @@ from appliance.panel.app import ROUTERS
 from appliance.security import audit as events
 from appliance.security.permissions import Role
 from appliance.security.secrets import read_secret
+from appliance.supervisor import port_open
+from tests.helpers import ServiceProcess
 from tests.panel_box import PASSWORD, PanelBox, csrf_of, start_box
+from tests.test_firmware import write_tls_files
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +92,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("GET", "/login/totp"): (PUBLIC, "/login/totp", None),
     ("POST", "/login/totp"): (PUBLIC, "/login/totp", None),
     ("POST", "/logout"): (PUBLIC, "/logout", None),
+    ("GET", "/ca.crt"): (PUBLIC, "/ca.crt", None),
 }
 
 
@@ -468,3 +474,47 @@ def test_a_restricted_session_can_log_in_again(box: PanelBox) -> None:
     again = client.post("/login", data={"username": "rita", "password": PASSWORD,
                                         "csrf": csrf})
     assert again.status_code == 303 and again.headers["location"] == "/account"
+
+
+# -- the box's root certificate ------------------------------------------------------------------
+def test_the_root_certificate_is_offered_without_a_login(box: PanelBox) -> None:
+    client = box.client()
+    answer = client.get("/ca.crt")
+    assert answer.status_code == 200 and answer.content == box.ca_cert.read_bytes()
+    assert answer.headers["content-type"] == "application/x-x509-ca-cert"
+    assert answer.headers["content-disposition"] == 'attachment; filename="circles-ca.crt"'
+    der = ssl.PEM_cert_to_DER_cert(answer.text)  # what a phone hashes for its fingerprint
+    fingerprint = hashlib.sha256(der).digest().hex(":").upper()
+    page = client.get("/login").text
+    assert 'href="/ca.crt"' in page and fingerprint in page
+
+
+# A second panel on the box's broker would take over the box panel's client id: these run on
+# a broker of their own.
+def test_without_a_root_certificate_there_is_none_to_download(own_broker: Any,
+                                                              tmp_path: Path) -> None:
+    env = own_broker.env()
+    proc = ServiceProcess("panel", env, tmp_path)
+    try:
+        base = f"http://127.0.0.1:{env['CIRCLES_PANEL__PORT']}"
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", int(env["CIRCLES_PANEL__PORT"])):
+            assert time.monotonic() < deadline and proc.process.poll() is None, proc.log
+            time.sleep(0.1)
+        answer = httpx.get(f"{base}/ca.crt")
+        assert answer.status_code == 404 and "panel.ca_cert is not set" in answer.text
+        assert "/ca.crt" not in httpx.get(f"{base}/login").text
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("given,why", [("missing", "no file"),
+                                       ("key", "is not a PEM certificate"),
+                                       ("leaf", "is not a CA's certificate")])
+def test_a_bad_root_certificate_stops_the_panel_naming_the_key(
+        own_broker: Any, tmp_path: Path, given: str, why: str) -> None:
+    _, leaf, key = write_tls_files(tmp_path / "tls")
+    path = {"missing": tmp_path / "nowhere.pem", "key": key, "leaf": leaf}[given]
+    proc = ServiceProcess("panel", own_broker.env(CIRCLES_PANEL__CA_CERT=str(path)), tmp_path)
+    assert proc.wait(15) == 78, proc.log
+    assert any("panel.ca_cert" in line and why in line for line in proc.log.splitlines()), proc.log

@@ -15,11 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance.panel.auth import PanelMiddleware, csrf_protect, login_of
 from appliance.panel.deps import Panel
 from appliance.panel.pages import render
-from appliance.panel.routes import account, dashboard, docs, ledger, login, trades, trading
+from appliance.panel.routes import account, dashboard, docs, ledger, login, trades, trading, trust
 
 STATIC = Path(__file__).with_name("static")
 ROUTERS = (login.router, dashboard.api, dashboard.pages, trading.api, trading.pages, ledger.api,
-           ledger.pages, account.api, account.pages, trades.router, docs.router)
+           ledger.pages, account.api, account.pages, trades.router, docs.router, trust.router)
 
 
 class CachedStatic(StaticFiles):

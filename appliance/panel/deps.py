@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
 from sqlalchemy import Engine
@@ -19,6 +19,9 @@ from appliance.security.permissions import Permission, Principal, RequirePermiss
 from appliance.security.users import Users
 from appliance.trade_sender import TradeSender
 
+if TYPE_CHECKING:
+    from appliance.panel.routes.trust import CaCert
+
 
 @dataclass
 class Panel:
@@ -32,6 +35,7 @@ class Panel:
     request_timeout_s: float = 10.0
     tls: bool = False
     require_totp: bool = True
+    ca: CaCert | None = None  # the box's root certificate, offered at /ca.crt
 
     @property
     def engine(self) -> Engine:

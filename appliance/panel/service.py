@@ -21,6 +21,7 @@ from appliance.config import Section
 from appliance.errors import ConfigError, OperationalError
 from appliance.panel.app import create_app
 from appliance.panel.deps import Panel
+from appliance.panel.routes.trust import CaCert
 from appliance.panel.sessions import Logins
 from appliance.panel.view import BoxView
 from appliance.runtime import Service, subscribe
@@ -36,6 +37,8 @@ class PanelSettings(Section):
     port: int = Field(8080, ge=1, le=65535)
     tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    ca_cert: Path | None = Field(
+        None, description="PEM certificate of the box's CA: offered at /ca.crt to trust the box")
     trusted_proxies: list[str] = Field(
         [], description="addresses of reverse proxies whose X-Forwarded-For is believed")
     request_timeout_s: float = Field(10.0, gt=0, description="how long a route waits for a service")
@@ -63,10 +66,11 @@ class PanelService(Service):
 
     async def start(self) -> None:
         config: PanelSettings = self.config
-        for key in ("tls_cert", "tls_key"):
+        for key in ("tls_cert", "tls_key", "ca_cert"):
             path = getattr(config, key)
             if path is not None and not path.is_file():
                 raise ConfigError(f"config: panel.{key}: no file {path}")
+        ca = await asyncio.to_thread(CaCert.load, config.ca_cert) if config.ca_cert else None
         keyring = await asyncio.to_thread(Keyring.load_or_create, self.settings.state_dir)
         users = await asyncio.to_thread(Users.open, self.settings, keyring)
         self.view = BoxView()
@@ -76,7 +80,7 @@ class PanelService(Service):
             logins=Logins(users.engine, max_age=timedelta(hours=config.session_hours),
                           idle=timedelta(hours=config.idle_hours)),
             request_timeout_s=config.request_timeout_s, tls=config.tls_cert is not None,
-            require_totp=config.require_totp)
+            require_totp=config.require_totp, ca=ca)
         self.app = create_app(self.panel)
 
     @subscribe(registry.TRADE_ACK)

@@ -45,7 +45,8 @@ def _form(request: Request, name: str, *, error: str | None = None, code: int = 
     secret, new = pre_login_secret(request)
     response = templates.TemplateResponse(request, name, {
         "csrf": csrf_for(secret), "error": error, "login": None, "user": None, "nav": [],
-        "next": safe_next(request.query_params.get("next")), **context}, status_code=code)
+        "next": safe_next(request.query_params.get("next")), "ca": request.app.state.panel.ca,
+        **context}, status_code=code)
     if new:
         response.set_cookie(PRE_COOKIE, secret, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
