@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mosquitto mosquitto-clients python3-venv)
-# The tests start a private PostgreSQL cluster with Debian's server binaries, and drive
-# Debian's Chromium (the panel's browser tests; Playwright downloads no browser).
-[ "${1:-}" = "dev" ] && packages+=(postgresql chromium)
+# The tests start a private PostgreSQL cluster with Debian's server binaries, drive Debian's
+# Chromium (the panel's browser tests; Playwright downloads no browser), score and verify the
+# systemd units, and run the Ansible playbook into a Debian root made by debootstrap.
+[ "${1:-}" = "dev" ] && packages+=(postgresql chromium systemd debootstrap)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
