@@ -24,16 +24,22 @@ out=${out:-deploy/wheelhouse-$arch}
 pip=${PIP:-pip}
 [ -x .venv/bin/pip ] && [ -z "${PIP:-}" ] && pip=.venv/bin/pip
 
-# manylinux2014 covers most wheels (glibc 2.17); a few (lgpio for the Pi's GPIO) exist only
-# for a newer glibc that bookworm's 2.36 still satisfies.
+# Every glibc up to bookworm's 2.36: manylinux2014 (2.17) covers most wheels; a few (lgpio
+# for the Pi's GPIO) exist only for a newer one.
 case "$arch" in
-    aarch64|x86_64) platforms=(--platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch"
-                               --platform "manylinux_2_34_$arch") ;;
+    aarch64|x86_64) platforms=(--platform "manylinux2014_$arch")
+                    for minor in 24 26 27 28 31 34 35 36; do
+                        platforms+=(--platform "manylinux_2_${minor}_$arch")
+                    done ;;
     armv7l) platforms=(--platform manylinux2014_armv7l --platform linux_armv7l) ;;
     *) echo "unsupported --arch $arch (aarch64, x86_64, armv7l)" >&2; exit 2 ;;
 esac
 
-rm -rf "$out" && mkdir -p "$out"
+rm -rf "$out" build && mkdir -p "$out"
+# The same code gives the same wheel, so the same release: the zip's times come from the last
+# commit, not from now.
+SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 315532800)
+export SOURCE_DATE_EPOCH
 "$pip" wheel -q --disable-pip-version-check --no-deps --wheel-dir "$out" .
 wheel=$(ls "$out"/circles-*.whl)
 requirement="$wheel"

@@ -94,6 +94,37 @@ def test_without_the_user_nothing_changes(shared_dir: Path) -> None:
     assert seen["file"] == [0, 0o644]
 
 
+HANDED = """
+import json, os, sys
+from pathlib import Path
+from appliance.cli import act_as
+from appliance.security.crypto import Keyring
+
+act_as("nobody", credstore=Path(sys.argv[1]))
+keyring = Keyring.load_or_create(Path(sys.argv[2]))
+print(json.dumps({"ids": keyring.ids, "read_only": keyring.read_only,
+                  "folder": os.environ["CREDENTIALS_DIRECTORY"]}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_keyring_in_the_credstore_is_handed_over_as_systemd_does(
+        shared_dir: Path, tmp_path: Path) -> None:
+    """The units load /etc/credstore/circles-keyring as a credential; the command, as the
+    same user, must use that keyring, not make a second one in the state directory."""
+    credstore, state = tmp_path / "credstore", shared_dir / "state"
+    made = Keyring.load_or_create(tmp_path / "elsewhere")
+    credstore.mkdir(mode=0o700)
+    made.path.rename(credstore / "circles-keyring")
+    done = subprocess.run([sys.executable, "-c", HANDED, str(credstore), str(state)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["ids"] == made.ids and seen["read_only"] is True
+    assert not (state / "keys").exists()  # no second keyring
+    assert not Path(seen["folder"]).exists()  # the copy is gone with the command
+
+
 # -- circles user login --------------------------------------------------------------------------
 @pytest.fixture
 def state(tmp_path: Path) -> Path:

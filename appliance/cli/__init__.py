@@ -94,13 +94,17 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def act_as(name: str) -> bool:
+CREDSTORE = Path("/etc/credstore")
+
+
+def act_as(name: str, credstore: Path = CREDSTORE) -> bool:
     """Run as the system user `name` from now on, for good, when running as root and that
     user exists: its groups, gid and uid, its HOME, and umask 077, so the files made in the
     state directory belong to it and stay private to it (root-owned files there would be
-    unreadable to the services). LOGNAME/USER keep naming the person, whom the audit log
-    records. Returns whether it switched: False when not root,
-    or when there is no such user (a developer's machine)."""
+    unreadable to the services). LOGNAME keeps naming the person, whom the audit log records.
+    A keyring kept in `credstore` (root's, which the units load as a systemd credential) is
+    handed over the same way, so the command uses the services' keys. Returns whether it
+    switched: False when not root, or when there is no such user (a developer's machine)."""
     import pwd
 
     if os.geteuid() != 0:
@@ -109,6 +113,8 @@ def act_as(name: str) -> bool:
         user = pwd.getpwnam(name)
     except KeyError:
         return False
+    os.environ.setdefault("LOGNAME", pwd.getpwuid(os.getuid()).pw_name)
+    _hand_credentials(credstore, user.pw_uid, user.pw_gid)
     try:
         os.initgroups(name, user.pw_gid)  # groups first: only root may set them
         os.setgid(user.pw_gid)
@@ -127,6 +133,31 @@ def act_as(name: str) -> bool:
     os.environ["HOME"] = user.pw_dir
     os.umask(0o077)
     return True
+
+
+def _hand_credentials(credstore: Path, uid: int, gid: int) -> None:
+    """As systemd does for a unit's `LoadCredential=`: the keyring from `credstore`, copied
+    while still root into a private folder of the user's (0700), named by
+    $CREDENTIALS_DIRECTORY and removed when the command ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from appliance.security.crypto import KEYRING_CREDENTIAL
+
+    source = credstore / KEYRING_CREDENTIAL
+    if "CREDENTIALS_DIRECTORY" in os.environ or not source.is_file():
+        return
+    # In memory where there is a tmpfs everyone may use (the user removes it at the end).
+    folder = Path(tempfile.mkdtemp(prefix="circles-credentials-",
+                                   dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    copy = folder / KEYRING_CREDENTIAL
+    copy.write_bytes(source.read_bytes())
+    copy.chmod(0o400)
+    for path in (copy, folder):
+        os.chown(path, uid, gid)
+    os.environ["CREDENTIALS_DIRECTORY"] = str(folder)
+    atexit.register(shutil.rmtree, folder, True)
 
 
 def load_settings() -> CoreSettings:
