@@ -91,18 +91,17 @@ class Box:
                               text=True, env=clean, timeout=120)
 
     def uid(self, name: str) -> int:
-        for line in self.path("/etc/passwd").read_text().splitlines():
-            fields = line.split(":")
-            if fields[0] == name:
-                return int(fields[2])
-        raise AssertionError(f"no user {name} in the box")
+        return self._id("passwd", name)
 
     def gid(self, name: str) -> int:
-        for line in self.path("/etc/group").read_text().splitlines():
+        return self._id("group", name)
+
+    def _id(self, table: str, name: str) -> int:
+        for line in self.path(f"/etc/{table}").read_text().splitlines():
             fields = line.split(":")
             if fields[0] == name:
                 return int(fields[2])
-        raise AssertionError(f"no group {name} in the box")
+        raise AssertionError(f"no {name} in the box's /etc/{table}")
 
     def playbook(self, wheels: Path, name: str, extra: str = "minio_enable: false\n") -> str:
         config = self.work / "config.yml"

@@ -193,18 +193,15 @@ def test_the_readme_says_where_every_file_goes() -> None:
 
 # -- exposure scores --------------------------------------------------------------------------
 @needs_analyze
-def test_template_exposure(root: Root, record_property: pytest.RecordProperty) -> None:
-    root.add_units("circles@.service")
-    score, _ = root.exposure("circles@trade-logger.service")
-    report(record_property, "circles@trade-logger.service", score)
-    assert score <= 2.5
-
-
-@needs_analyze
-def test_broker_sync_exposure(root: Root, record_property: pytest.RecordProperty) -> None:
-    root.add_units("circles-broker-sync.service")
-    score, _ = root.exposure("circles-broker-sync.service")
-    report(record_property, "circles-broker-sync.service", score)
+@pytest.mark.parametrize(("file", "unit"), [
+    ("circles@.service", "circles@trade-logger.service"),
+    ("circles-broker-sync.service", "circles-broker-sync.service"),
+    ("minio.service", "minio.service"),
+])
+def test_exposure(root: Root, record_property: pytest.RecordProperty, file: str, unit: str) -> None:
+    root.add_units(file)
+    score, _ = root.exposure(unit)
+    report(record_property, unit, score)
     assert score <= 2.5
 
 
@@ -224,14 +221,6 @@ def test_dropin_exposure(root: Root, record_property: pytest.RecordProperty, ins
     # Scored with the drop-in: it opens something, and the analyser names it.
     assert shows in text
     assert plain < score <= 2.0
-
-
-@needs_analyze
-def test_minio_exposure(root: Root, record_property: pytest.RecordProperty) -> None:
-    root.add_units("minio.service")
-    score, _ = root.exposure("minio.service")
-    report(record_property, "minio.service", score)
-    assert score <= 2.5
 
 
 @needs_analyze
