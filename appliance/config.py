@@ -170,6 +170,18 @@ def load(cls: type[CoreSettings]) -> CoreSettings:
         raise ConfigError("config: " + "; ".join(describe_errors(exc))) from None
 
 
+def from_mapping(cls: type[CoreSettings], data: dict[str, Any], source: str) -> CoreSettings:
+    """Settings from `data` (a parsed TOML file) alone: no environment, no credentials and
+    no /etc/circles file, so the same file gives the same settings on any machine (the
+    backtest). ConfigError names `source` and every bad key."""
+    isolated = type(cls.__name__, (cls,), {"settings_customise_sources": classmethod(
+        lambda _cls, settings_cls, init_settings, **_others: (init_settings,))})
+    try:
+        return isolated(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"config: {source}: " + "; ".join(describe_errors(exc))) from None
+
+
 def describe_errors(exc: ValidationError) -> list[str]:
     """One entry per error: `bus.port: <reason> (got '<input>')`; secret inputs are not shown."""
     lines = []

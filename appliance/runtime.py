@@ -146,7 +146,8 @@ class Runner:
         for spec, params, batch, attr in service._handlers:
             values = {k: v for k, v in fixed.items() if k in spec.params} | params
             self.routes.append((spec.filter(**values), spec, batch, getattr(service, attr)))
-        self._routed: dict[str, tuple[TopicSpec, bool, Any] | None] = {}  # topic → route
+        # topic → (spec, batch, handler, the topic's values of the spec's template), or None
+        self._routed: dict[str, tuple[TopicSpec, bool, Any, dict[str, str]] | None] = {}
         self.announcer: Announcer | None = None
         if type(service).entities is not Service.entities:
             self.announcer = Announcer(bus, service.name, service.settings.state_dir
@@ -166,12 +167,13 @@ class Runner:
     def filters(self) -> list[tuple[Filter, int]]:
         return [(flt, spec.qos) for flt, spec, _, _ in self.routes]
 
-    def _route(self, message: Message) -> tuple[TopicSpec, bool, Any] | None:
+    def _route(self, message: Message) -> tuple[TopicSpec, bool, Any, dict[str, str]] | None:
         try:
             return self._routed[message.topic]
         except KeyError:
             pass
-        found = next(((spec, batch, handler) for flt, spec, batch, handler in self.routes
+        found = next(((spec, batch, handler, spec.parse(message.topic) or {})
+                      for flt, spec, batch, handler in self.routes
                       if flt.matches(message.topic)), None)
         if len(self._routed) >= 10_000:  # topics are few (one per account, device…); stay small
             self._routed.clear()
@@ -194,7 +196,7 @@ class Runner:
             if route is None:
                 await self.bus.dead_letter(message, "no handler for this topic")
                 continue
-            spec, is_batch, handler = route
+            spec, is_batch, handler, params = route
             try:
                 # An empty payload on a retained topic is how MQTT deletes the retained
                 # message: the handler learns that the thing it described is gone (None).
@@ -207,7 +209,7 @@ class Runner:
                 log.exception("payload validation failed", extra={"topic": message.topic})
                 await self._reject(message, f"cannot validate: {type(exc).__name__}: {exc}")
                 continue
-            received = Received(message, spec, spec.parse(message.topic) or {}, data)
+            received = Received(message, spec, dict(params), data)
             if handler is None:
                 await self._command(received)
             elif is_batch:

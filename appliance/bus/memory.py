@@ -22,6 +22,12 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.clients: dict[str, MemoryBus] = {}
         self.retained: dict[str, Message] = {}
+        # topic → the clients it goes to, with their QoS; forgotten when anyone connects,
+        # leaves or subscribes
+        self._routes: dict[str, list[tuple[MemoryBus, int]]] = {}
+
+    def changed(self) -> None:
+        self._routes.clear()
 
     def route(self, message: Message) -> None:
         if message.retain:
@@ -29,16 +35,26 @@ class MemoryBroker:
                 self.retained[message.topic] = message
             else:
                 self.retained.pop(message.topic, None)
-        for client in list(self.clients.values()):
-            qos = client.granted(message.topic)
-            if qos is not None:
-                client.take(replace(message, retain=False), qos)
+            message = replace(message, retain=False)
+        targets = self._routes.get(message.topic)
+        if targets is None:
+            if len(self._routes) >= 10_000:  # reply topics are one per request: stay small
+                self._routes.clear()
+            targets = self._routes[message.topic] = [
+                (client, qos) for client in self.clients.values()
+                if (qos := client.granted(message.topic)) is not None]
+        for client, qos in targets:
+            client.take(message, qos)
 
 
 class MemoryBus(BaseBus):
-    def __init__(self, name: str, broker: MemoryBroker, *, status: bool = True) -> None:
+    def __init__(self, name: str, broker: MemoryBroker, *, status: bool = True,
+                 yielding: bool = True) -> None:
+        """`yielding`: every publish lets the event loop run other tasks, as a network
+        transport does; off where one driver runs every client in turn (the backtest)."""
         super().__init__(name, status=status)
         self.broker = broker
+        self.yielding = yielding
         self._is_connected = False
         self._ids = count(1)
         self.unacked: dict[int, Message] = {}
@@ -49,6 +65,7 @@ class MemoryBus(BaseBus):
 
     async def connect(self) -> None:
         self.broker.clients[self.name] = self
+        self.broker.changed()
         self._is_connected = True
 
     def granted(self, topic: str) -> int | None:
@@ -58,7 +75,9 @@ class MemoryBus(BaseBus):
     def take(self, message: Message, qos: int) -> None:
         qos = min(qos, message.qos)
         token = next(self._ids) if qos else None
-        message = replace(message, qos=qos, token=token)
+        m = message  # a copy with this client's QoS and token (faster than replace())
+        message = Message(m.topic, m.payload, qos, m.retain, m.request_id, m.sender, m.sent_at,
+                          m.response_topic, m.correlation, token)
         if token is not None:
             self.unacked[token] = message
         self._deliver(message)
@@ -67,9 +86,11 @@ class MemoryBus(BaseBus):
         if not self._is_connected:
             raise ConnectionError(f"{self.name} is not connected")
         self.broker.route(message)
-        await asyncio.sleep(0)
+        if self.yielding:
+            await asyncio.sleep(0)
 
     async def _subscribe(self, filters: Sequence[tuple[Filter, int]]) -> None:
+        self.broker.changed()
         for flt, qos in filters:
             for message in list(self.broker.retained.values()):
                 if flt.matches(message.topic):
@@ -81,11 +102,13 @@ class MemoryBus(BaseBus):
     async def _disconnect(self) -> None:
         self._is_connected = False
         self.broker.clients.pop(self.name, None)
+        self.broker.changed()
 
     def crash(self) -> None:
         """Vanish without a clean stop: the broker publishes the last will."""
         self._is_connected = False
         self.broker.clients.pop(self.name, None)
+        self.broker.changed()
         if will := self.status_will():
             self.broker.route(Message(will[0], will[1], qos=1, retain=True, sender="broker"))
 

@@ -12,6 +12,7 @@ import json
 import re
 import string
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +23,7 @@ _NOT_SLUG = re.compile(r"[^a-z0-9_-]+")
 MAX_PAYLOAD = 256 * 1024
 
 
+@lru_cache(maxsize=4096)  # names are few (symbols, accounts, devices) and asked for per message
 def slug(name: str) -> str:
     """The topic level for a name: lower-case, `[a-z0-9_-]` only (`BTC/USDT` → `btc-usdt`,
     `#US30` → `us30`). The real name travels in the payload."""
@@ -101,6 +103,8 @@ class TopicSpec:
     subscribers: frozenset[str] = frozenset()
     params: tuple[str, ...] = field(init=False)
     _regex: re.Pattern[str] = field(init=False, repr=False)
+    _topics: dict[tuple[tuple[str, str], ...], Topic] = field(init=False, repr=False,
+                                                             compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         names = tuple(p for _, p, _, _ in string.Formatter().parse(self.template) if p)
@@ -113,10 +117,18 @@ class TopicSpec:
 
     def topic(self, **values: str) -> Topic:
         """The concrete topic; every value is slugified."""
+        key = tuple(values.items())
+        found = self._topics.get(key)
+        if found is not None:
+            return found
         missing = set(self.params) - set(values)
         if missing:
             raise ValueError(f"{self.name}: missing {sorted(missing)}")
-        return Topic(self.template.format(**{k: slug(v) for k, v in values.items()}))
+        topic = Topic(self.template.format(**{k: slug(v) for k, v in values.items()}))
+        if len(self._topics) >= 10_000:  # one per account, device, feed…: stay small
+            self._topics.clear()
+        self._topics[key] = topic
+        return topic
 
     def filter(self, **values: str) -> Filter:
         """A subscription filter: the values given are slugified, the others become `+`."""

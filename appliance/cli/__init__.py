@@ -542,9 +542,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, crypto, db, devices, home, trading, users
+    from appliance.cli import audit, backtest, crypto, db, devices, home, trading, users
 
-    for area in (users, crypto, audit, devices, trading, home, db):
+    for area in (users, crypto, audit, devices, trading, home, db, backtest):
         area.add_commands(sub)
     return top
 

@@ -127,13 +127,7 @@ class TradeLoggerService(Service):
     async def run(self) -> None:
         signed_at = time.monotonic()
         while True:
-            if self.written:
-                accounts, self.written = self.written, set()
-                for account in sorted(accounts):
-                    try:
-                        await self.publish_metrics(account)
-                    except Exception:  # noqa: BLE001 - metrics must never stop the ingest
-                        log.exception("metrics failed", extra={"account": account})
+            await self.publish_written()
             if time.monotonic() - signed_at >= self.config.checkpoint_interval_s:
                 signed_at = time.monotonic()
                 try:
@@ -141,6 +135,15 @@ class TradeLoggerService(Service):
                 except Exception:  # noqa: BLE001 - the next append or pass signs it
                     log.exception("checkpoint failed")
             await asyncio.sleep(self.config.metrics_interval_s)
+
+    async def publish_written(self) -> None:
+        """The metrics of every account appended to since the last call."""
+        accounts, self.written = self.written, set()
+        for account in sorted(accounts):
+            try:
+                await self.publish_metrics(account)
+            except Exception:  # noqa: BLE001 - metrics must never stop the ingest
+                log.exception("metrics failed", extra={"account": account})
 
     def _checkpoint_all(self) -> None:
         for chain in self.ledger.chains():

@@ -19,7 +19,7 @@ FeedKey = tuple[str, str, str]  # exchange, symbol, timeframe — as Bar.feed
 def configured_feeds(settings: MarketSettings) -> list[FeedKey]:
     """Every (symbol, timeframe) of the settings, on the feeds' exchange."""
     return [(settings.feed_exchange, s, t) for s in settings.symbols for t in settings.timeframes]
-Publish = Callable[[Bar], Awaitable[None]]
+Publish = Callable[[Bar], Awaitable[object]]
 
 
 class Source(Protocol):

@@ -51,11 +51,12 @@ class Row:
 
 
 class BadFile(ConfigError):
-    """The replay file cannot be replayed; the message names the key, the file and the line."""
+    """The replay file cannot be replayed; the message names the key, the file and the line
+    (`where`: "line 7", "row 7", "header" or "file")."""
 
-
-def _fail(path: Path, where: str, problem: str) -> BadFile:
-    return BadFile(f"config: market.replay.file: {path}: {where}: {problem}")
+    def __init__(self, path: Path, where: str, problem: str) -> None:
+        super().__init__(f"config: market.replay.file: {path}: {where}: {problem}")
+        self.path, self.where, self.problem = path, where, problem
 
 
 def _ts_ms(value: Any) -> int:
@@ -109,7 +110,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not values or all(not v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                raise _fail(path, f"line {reader.line_num}",
+                raise BadFile(path, f"line {reader.line_num}",
                             f"{len(values)} fields where the header has {len(header)}")
             yield reader.line_num, dict(zip(header, values, strict=True))
 
@@ -118,12 +119,12 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq  # lazily: only a Parquet replay needs pyarrow
     except ImportError:  # an optional extra: `circles[parquet]`
-        raise _fail(path, "file", "replaying a Parquet file needs pyarrow, which is not installed: "
+        raise BadFile(path, "file", "replaying a Parquet file needs pyarrow, which is not installed: "
                                   "pip install 'circles[parquet]' (or replay a CSV file)") from None
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors have no common base
-        raise _fail(path, "file", f"not a Parquet file: {exc}") from None
+        raise BadFile(path, "file", f"not a Parquet file: {exc}") from None
     names = [name.lower() for name in parquet.schema_arrow.names]
     _check_columns(path, names)
     row = 0
@@ -137,7 +138,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _check_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in COLUMNS if c not in names]
     if missing:
-        raise _fail(path, "header", f"missing column(s) {missing}; need {list(COLUMNS)}"
+        raise BadFile(path, "header", f"missing column(s) {missing}; need {list(COLUMNS)}"
                                     " and optionally 'symbol'")
 
 
@@ -152,11 +153,11 @@ def read_rows(path: Path, symbol: str) -> Iterator[Row]:
             try:
                 yield _row(line, record, symbol)
             except (ValueError, OverflowError, OSError) as exc:
-                raise _fail(path, f"{where} {line}", str(exc)) from None
+                raise BadFile(path, f"{where} {line}", str(exc)) from None
     except FileNotFoundError:
-        raise _fail(path, "file", "does not exist") from None
+        raise BadFile(path, "file", "does not exist") from None
     except (UnicodeDecodeError, csv.Error, IsADirectoryError, PermissionError) as exc:
-        raise _fail(path, "file", str(exc)) from None
+        raise BadFile(path, "file", str(exc)) from None
 
 
 class ReplayFile:
@@ -180,25 +181,25 @@ class ReplayFile:
             if previous is None:
                 self.symbols.append(row.symbol)
             elif row.ts_ms == previous:
-                raise _fail(self.path, f"{where} {row.line}", f"duplicate time {utc_ms(row.ts_ms).isoformat()}")
+                raise BadFile(self.path, f"{where} {row.line}", f"duplicate time {utc_ms(row.ts_ms).isoformat()}")
             elif row.ts_ms < previous:
-                raise _fail(self.path, f"{where} {row.line}",
+                raise BadFile(self.path, f"{where} {row.line}",
                             f"time {utc_ms(row.ts_ms).isoformat()} is before the previous row's "
                             f"{utc_ms(previous).isoformat()} (rows must be sorted by time)")
             else:
                 step = row.ts_ms - previous
                 if fixed and step % fixed:
-                    raise _fail(self.path, f"{where} {row.line}",
+                    raise BadFile(self.path, f"{where} {row.line}",
                                 f"{step / 1000:g} s after the previous row: not a multiple of "
                                 f"the timeframe {self.timeframe}")
                 step_gcd = math.gcd(step_gcd, step)
             last[row.symbol] = row.ts_ms
         if not self.rows:
-            raise _fail(self.path, "file", "has no rows")
+            raise BadFile(self.path, "file", "has no rows")
         if self.timeframe is None:
             inferred = [name for name, seconds in TIMEFRAMES.items() if seconds * 1000 == step_gcd]
             if not inferred:
-                raise _fail(self.path, "file", f"the steps between rows ({step_gcd / 1000:g} s) "
+                raise BadFile(self.path, "file", f"the steps between rows ({step_gcd / 1000:g} s) "
                                                "match no timeframe; set market.replay.timeframe")
             self.timeframe = inferred[0]
 
@@ -218,6 +219,8 @@ class ReplaySource:
         self.finished = False
 
     async def open(self) -> None:
+        if self.feeds:  # checked already (the service opens its source twice)
+            return
         await asyncio.to_thread(self.file.check)
         assert self.file.timeframe is not None
         self.feeds = [(self.settings.feed_exchange, s, self.file.timeframe) for s in self.file.symbols]

@@ -75,7 +75,7 @@ class MarketService(Service):
             await self._prepare()
             self.phase = "running"
             await self._send_states(force=True)
-            await self.source.run(self._publish)
+            await self.source.run(self.publish_bar)
             self.phase = "finished"
             await self._send_states(force=True)
             await monitor
@@ -101,7 +101,9 @@ class MarketService(Service):
                 await self.clock.sleep_until(self.clock.now() + delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _publish(self, bar: Bar) -> None:
+    async def publish_bar(self, bar: Bar) -> Bar | None:
+        """Publish a closed bar of the source, with its gap to the feed's previous bar; None
+        when it is not newer than that one (skipped). The backtest feeds the replay here."""
         feed = self.feeds.get(bar.feed)
         if feed is None:
             feed = self.feeds[bar.feed] = Feed(bar.feed, self.config.history_bars,
@@ -109,13 +111,14 @@ class MarketService(Service):
         accepted = feed.accept(bar)
         if accepted is None:
             log.debug("bar not newer than the last one; skipped", extra={"feed": list(bar.feed)})
-            return
+            return None
         # A replay must not outrun the broker: wait for its acknowledgement of each bar.
         await self.bus.send(registry.MARKET_BAR, accepted, wait=not self.source.live,
                             exchange=bar.exchange, symbol=bar.symbol, timeframe=bar.timeframe)
         self.published += 1
         if accepted.gap or feed.stale:
             await self._send_state(feed)
+        return accepted
 
     @subscribe(registry.MARKET_FEED)
     async def on_feed_state(self, msg: Received) -> None:
