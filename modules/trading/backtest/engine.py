@@ -124,7 +124,7 @@ class Engine:
         self.marks: list[tuple[str, float, float]] = []  # (symbol, close epoch s, close)
         self.gaps: list[Gap] = []
         self.missing_bars = 0
-        self._ours: set[asyncio.Task[Any]] = set()
+        self.started: list[Runner] = []
         self._outside: set[asyncio.Task[Any]] = set()
 
     def service(self, name: str) -> Any:
@@ -142,6 +142,7 @@ class Engine:
                 await runner.service.start()
             except BadFile as exc:
                 raise ValidationFailed(f"{exc.path}: {exc.where}: {exc.problem}") from None
+            self.started.append(runner)
             await runner.bus.subscribe(runner.filters())
         await self.settle()
 
@@ -174,24 +175,29 @@ class Engine:
 
     async def _drain(self) -> None:
         me = asyncio.current_task()
+        runners = list(self.runners.values())
         while True:
-            handled = False
-            for runner in self.runners.values():
-                while runner.bus.pending:
-                    await runner.handle(await runner.bus.receive(runner.batch_max))
-                    handled = True
-            if handled:
+            # One hop per round: each service handles what it held when the round began, so
+            # a bar reaches execution before the sizing decision it leads to (as on the box,
+            # where that decision is three hops away).
+            waiting = [runner.bus.pending for runner in runners]
+            if any(waiting):
+                for runner, count in zip(runners, waiting, strict=True):
+                    while count > 0:
+                        batch = await runner.bus.receive(min(count, runner.batch_max))
+                        count -= len(batch)
+                        await runner.handle(batch)
                 continue
             # Work a service left running (the alpha's warm-up asking the market for bars).
-            self._ours = {t for t in asyncio.all_tasks() - self._outside
-                          if t is not me and not t.done()}
-            if not self._ours:
+            ours = {t for t in asyncio.all_tasks() - self._outside if t is not me and not t.done()}
+            if not ours:
                 return
-            await asyncio.wait(self._ours, timeout=0.001)
+            await asyncio.wait(ours, timeout=0.001)
 
     async def stop(self) -> None:
-        for runner in self.runners.values():
+        for runner in self.started:
             await runner.service.stop()
+        for runner in self.runners.values():
             await runner.bus.close()
         await self.observer.close()
 
