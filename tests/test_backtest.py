@@ -201,6 +201,8 @@ def test_settings_errors_name_the_key(tmp_path: Path) -> None:
         backtest(HAND_CONFIG.replace("fraction = 0.505", 'fraction = "half"'), data)
     with pytest.raises(ConfigError, match="sizing.account .*execution.account"):
         backtest(HAND_CONFIG.replace('account = "hand"\nfraction', 'account = "other"\nfraction'), data)
+    with pytest.raises(ConfigError, match="sizng: not a section of any service"):
+        backtest("[sizng]\nfraction = 0.9\n" + HAND_CONFIG, data)
     config = tmp_path / "bad.toml"
     config.write_text("[sizing\n")
     done = circles(circles_env(tmp_path / "state"), "backtest", "--data", str(data),
@@ -256,9 +258,9 @@ def test_grid_keys_and_values() -> None:
 
 
 def test_charts_keep_every_extreme() -> None:
-    points = [(float(i), float((i * 7919) % 1000)) for i in range(100_000)]
+    points = [(float(i), float((i * 7919 + 500) % 1000)) for i in range(100_000)]
     kept = thin(points, 2000)
-    assert len(kept) <= 2001 and kept[0] == points[0] and kept[-1] == points[-1]
+    assert len(kept) <= 2002 and kept[0] == points[0] and kept[-1] == points[-1]
     assert min(v for _, v in kept) == 0.0 and max(v for _, v in kept) == 999.0
 
 

@@ -76,8 +76,9 @@ class MemoryBus(BaseBus):
         qos = min(qos, message.qos)
         token = next(self._ids) if qos else None
         m = message  # a copy with this client's QoS and token (faster than replace())
-        message = Message(m.topic, m.payload, qos, m.retain, m.request_id, m.sender, m.sent_at,
-                          m.response_topic, m.correlation, token)
+        message = Message(topic=m.topic, payload=m.payload, qos=qos, retain=m.retain,
+                          request_id=m.request_id, sender=m.sender, sent_at=m.sent_at,
+                          response_topic=m.response_topic, correlation=m.correlation, token=token)
         if token is not None:
             self.unacked[token] = message
         self._deliver(message)

@@ -23,7 +23,7 @@ _NOT_SLUG = re.compile(r"[^a-z0-9_-]+")
 MAX_PAYLOAD = 256 * 1024
 
 
-@lru_cache(maxsize=4096)  # names are few (symbols, accounts, devices) and asked for per message
+@lru_cache(maxsize=4096, typed=True)  # names are few (symbols, accounts, devices) and asked for per message
 def slug(name: str) -> str:
     """The topic level for a name: lower-case, `[a-z0-9_-]` only (`BTC/USDT` → `btc-usdt`,
     `#US30` → `us30`). The real name travels in the payload."""

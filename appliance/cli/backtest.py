@@ -37,6 +37,8 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
         logging.getLogger("circles").setLevel(logging.ERROR)
     if args.grid and args.compare_paper:
         raise ConfigError("--grid and --compare-paper: one at a time")
+    if not args.paper_speed > 0:
+        raise ConfigError(f"--paper-speed {args.paper_speed:g}: must be above 0 bars/s")
     config, source = read_config(args.config), str(args.config)
     if args.grid:
         axes = grid.parse(args.grid)
@@ -66,7 +68,8 @@ def _compare_paper(args: argparse.Namespace, result: Any) -> None:
 
     print(f"paper run: {result.rows} bars at {args.paper_speed:g} bars/s over a private broker…",
           flush=True)
-    paper = asyncio.run(compare.paper_run(result.settings, args.paper_speed, args.out / "paper"))
+    paper = asyncio.run(compare.paper_run(result.settings, result.rows, args.paper_speed,
+                                          args.out / "paper" / "logs"))
     pairs = compare.compare(result.events, paper, TIMEFRAMES[result.timeframe])
     slippage = float(result.settings.execution.slippage_bps)
     summary = compare.totals(pairs, result.events, paper, slippage)

@@ -21,6 +21,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -40,7 +42,7 @@ from appliance.ledger import open_ledger
 from appliance.security.secrets import ensure_secret
 from appliance.supervisor import OBSERVER, Broker, free_port, terminate
 from modules.trade_logger.metrics import parse_ts
-from modules.trading.backtest.engine import SERVICES
+from modules.trading.backtest.engine import SERVICES, scratch_dir
 
 log = logging.getLogger("circles.backtest")
 HALT_WRITER = "risk"
@@ -51,8 +53,8 @@ def paper_environment(doc: Mapping[str, Any], state: Path, port: int) -> dict[st
     """The environment of a service process: the settings `doc` (the backtest's, with the
     state moved to `state`), nothing from this process's CIRCLES_* variables."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CIRCLES_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                            "CREDENTIALS_DIRECTORY")}
+           if not k.startswith("CIRCLES_") and k not in (
+               "NOTIFY_SOCKET", "WATCHDOG_USEC", "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM")}
     empty = state / "empty.toml"
     empty.touch()
     env.update(CIRCLES_CONFIG=str(empty), CIRCLES_STATE_DIR=str(state),
@@ -68,8 +70,7 @@ def paper_settings(settings: CoreSettings, speed: float) -> dict[str, Any]:
     """The backtest's settings for the paper run: the replay paced at `speed` bars/s, and the
     trade logger's metrics and the positions' marks as prompt, in bars, as on the box."""
     sections = ("market", "alpha", "ensemble", "sizing", "execution", "trade_logger")
-    doc = {name: getattr(settings, name).model_dump(mode="json", exclude_defaults=False)
-           for name in sections}
+    doc = {name: getattr(settings, name).model_dump(mode="json") for name in sections}
     doc["market"]["replay"]["speed"] = speed
     bar_s = 1.0 / speed
     logger = doc["trade_logger"]
@@ -85,26 +86,46 @@ class Watch:
     moved_at: float = 0.0
     finished: bool = False
 
-    def see(self, topic: str, payload: bytes) -> None:
+    def see(self, topic: str, payload: bytes, retained: bool) -> None:
+        if retained:
+            return  # what the broker kept from before: nothing moved
         self.moved_at = time.monotonic()
         if registry.MARKET_FEED.parse(topic) is not None and payload:
             # The market sends every feed's state at once when the file is done.
             self.finished = self.finished or json.loads(payload).get("reason") == "replay finished"
 
 
-async def paper_run(settings: CoreSettings, speed: float, state: Path, *,
-                    quiet_s: float = 3.0, timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """The account's ledger records after replaying through the services over a private
-    broker (see the module's docstring); `state` holds its files and `logs/`."""
-    state.mkdir(parents=True, exist_ok=True)
+async def paper_run(settings: CoreSettings, rows: int, speed: float, logs: Path, *,
+                    quiet_s: float = 3.0) -> list[dict[str, Any]]:
+    """The account's ledger records after replaying the `rows` of the data through the
+    services over a private broker (see the module's docstring). Its state (database,
+    ledger, broker, secrets) is a scratch folder, removed afterwards; the services' log
+    lines are copied to `logs/`."""
+    with scratch_dir() as tmp:
+        state = Path(tmp)
+        try:
+            return await _paper_run(settings, rows, speed, state, quiet_s)
+        finally:
+            logs.mkdir(parents=True, exist_ok=True)
+            for log_file in (state / "logs").glob("*"):
+                shutil.copyfile(log_file, logs / log_file.name)
+
+
+async def _paper_run(settings: CoreSettings, rows: int, speed: float, state: Path,
+                     quiet_s: float) -> list[dict[str, Any]]:
     logs = state / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     doc = paper_settings(settings, speed)
     port = free_port(28830)
     broker = Broker(state, port)
-    await asyncio.to_thread(broker.start)
     processes: list[Any] = []
+    observer: MqttBus | None = None
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    loop.add_signal_handler(signal.SIGTERM, me.cancel)  # stop what was started, then exit
     try:
+        await asyncio.to_thread(broker.start)
         admin = await BrokerAdmin.connect("127.0.0.1", port, state)
         try:
             await admin.sync([*SERVICES, HALT_WRITER], state)
@@ -129,35 +150,31 @@ async def paper_run(settings: CoreSettings, speed: float, state: Path, *,
                     sys.executable, "-m", "appliance.cli", "run", name, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=out, start_new_session=True))
-        rows = settings.market.replay.file  # type: ignore[attr-defined]
-        budget = timeout_s or START_TIMEOUT_S + _rows(rows) / speed * 3
+        budget = START_TIMEOUT_S + rows / speed * 3
         deadline = time.monotonic() + budget
         watch.moved_at = time.monotonic()
         while True:
             for message in await observer.receive(500, timeout=0.2):
-                watch.see(message.topic, message.payload)
+                watch.see(message.topic, message.payload, message.retain)
                 observer.ack(message)
             if watch.finished and time.monotonic() - watch.moved_at >= quiet_s:
                 break
             for name, process in zip(SERVICES, processes, strict=True):
                 if process.returncode is not None:
                     raise OperationalError(f"paper run: {name} exited with {process.returncode}; "
-                                           f"see {logs / (name + '.jsonl')}")
+                                           f"see its log, {name}.jsonl")
             if time.monotonic() > deadline:
-                raise OperationalError(f"paper run: not finished after {budget:.0f} s; see {logs}")
-        await observer.close()
+                raise OperationalError(f"paper run: not finished after {budget:.0f} s; see the logs")
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        if observer is not None:
+            await observer.close()
         await asyncio.gather(*(terminate(p) for p in processes))
         await asyncio.to_thread(broker.stop)
     ledger = await asyncio.to_thread(open_ledger, from_mapping(
         CoreSettings, {"state_dir": str(state)}, "paper run"))
     account = chain_for(doc["execution"]["account"])
     return [record["data"] for record in await asyncio.to_thread(ledger.records, account, since=0)]
-
-
-def _rows(path: Any) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for _ in handle)
 
 
 def _bus(user: str, port: int, state: Path) -> MqttBus:
@@ -277,7 +294,8 @@ def write(out: Path, pairs: list[Pair], summary: dict[str, Any]) -> None:
     import csv
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / "fidelity.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
     with (out / "fidelity.csv").open("w", newline="", encoding="utf-8") as handle:
         fields = list(Pair.__dataclass_fields__)
         writer = csv.DictWriter(handle, fields, lineterminator="\n")

@@ -32,8 +32,8 @@ from appliance.bus.payloads import TradingHalt
 from appliance.bus.topics import slug
 from appliance.bus.trade_event import chain_for
 from appliance.bus.trading import Bar
-from appliance.config import CoreSettings, from_mapping, settings_class
-from appliance.errors import ConfigError, ValidationFailed
+from appliance.config import CoreSettings, from_mapping, section_name, settings_class
+from appliance.errors import ConfigError, OperationalError, ValidationFailed
 from appliance.runtime import Runner
 from modules.trade_logger.metrics import parse_ts
 from modules.trading.market.replay import BadFile
@@ -42,6 +42,7 @@ log = logging.getLogger("circles.backtest")
 SERVICES = ("market", "alpha", "ensemble", "sizing", "execution", "trade-logger")
 OBSERVER = "backtest"
 MAX_GAPS_LISTED = 100
+STUCK_S = 60.0  # a service's own task that runs this long with nothing on the bus is stuck
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,22 @@ class Result:
     dead_letters: list[str] = field(default_factory=list)
 
 
+def check_sections(config: Mapping[str, Any], source: str) -> None:
+    """ConfigError naming a top-level key that is neither a service's section nor a core
+    setting (a misspelt `[sizng]` would otherwise be ignored)."""
+    known = {section_name(n) for n in services.names()} | set(CoreSettings.model_fields)
+    for key in config:
+        if key not in known:
+            raise ConfigError(f"config: {source}: {key}: not a section of any service "
+                              f"(known: {', '.join(sorted(known))})")
+
+
 def pipeline_settings(config: Mapping[str, Any], data: Path, state: Path,
                       source: str) -> CoreSettings:
     """The settings of the backtest's services: `config` (a parsed circles.toml) with the
     market replaying `data` as fast as it is taken, execution on paper, and the state (its
     database, the ledger, keys) under `state`. ConfigError names the bad key."""
+    check_sections(config, source)
     doc = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
     market = doc.setdefault("market", {})
     replay = dict(market.get("replay") or {})
@@ -176,6 +188,7 @@ class Engine:
     async def _drain(self) -> None:
         me = asyncio.current_task()
         runners = list(self.runners.values())
+        waited = 0.0
         while True:
             # One hop per round: each service handles what it held when the round began, so
             # a bar reaches execution before the sizing decision it leads to (as on the box,
@@ -192,13 +205,23 @@ class Engine:
             ours = {t for t in asyncio.all_tasks() - self._outside if t is not me and not t.done()}
             if not ours:
                 return
+            if waited > STUCK_S:
+                raise OperationalError("backtest: the services' tasks "
+                                       f"{sorted(t.get_name() for t in ours)} run on with "
+                                       f"nothing on the bus for {STUCK_S:g} s")
+            started = asyncio.get_running_loop().time()
             await asyncio.wait(ours, timeout=0.001)
+            waited += asyncio.get_running_loop().time() - started
 
     async def stop(self) -> None:
         for runner in self.started:
             await runner.service.stop()
         for runner in self.runners.values():
             await runner.bus.close()
+        for name, path in (("execution", "store"), ("trade-logger", "ledger")):
+            held = getattr(self.service(name), path, None)
+            if held is not None:  # its database lives in the scratch folder, about to go
+                held.engine.dispose()
         await self.observer.close()
 
     async def dead_letters(self) -> list[str]:
@@ -217,30 +240,32 @@ class Engine:
 
 def marked_equity(marks: list[tuple[str, float, float]],
                   events: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """The account's equity at every bar's close: cash (deposits − withdrawals − what fills
-    paid, fees included) plus each position at its symbol's last close. A fill is dated by
-    the bar it filled on, so it counts from that bar's close on."""
+    """The account's equity at every bar close time: cash (deposits − withdrawals, their fees,
+    and what fills paid, fees included) plus each position at its symbol's last close. A fill
+    is dated by the bar it filled on, so it counts from that bar's close on."""
     cash, held, last = 0.0, {}, {}  # type: ignore[var-annotated]
     dated = sorted(((parse_ts(e["ts"]), i, e) for i, e in enumerate(events)), key=lambda t: t[:2])
     curve: list[tuple[float, float]] = []
     n = 0
-    for symbol, closed_at, close in marks:
+    for k, (symbol, closed_at, close) in enumerate(marks):
+        last[symbol] = close
+        if k + 1 < len(marks) and marks[k + 1][1] == closed_at:
+            continue  # the other feeds' bars of this close time first
         while n < len(dated) and dated[n][0] < closed_at:
             event = dated[n][2]
             n += 1
             qty, price = float(event["qty"]), float(event["price"])
+            fee = float(event.get("fee") or 0)
             if event["kind"] == "deposit":
-                cash += qty * price
+                cash += qty * price - fee
             elif event["kind"] == "withdrawal":
-                cash -= qty * price
+                cash -= qty * price + fee
             else:
-                fee = float(event.get("fee") or 0)
                 if event.get("fee_currency") == event["symbol"].partition("/")[0]:
                     fee *= price
                 sign = 1.0 if event["side"] == "buy" else -1.0
                 held[event["symbol"]] = held.get(event["symbol"], 0.0) + sign * qty
                 cash -= sign * qty * price + fee
-        last[symbol] = close
         curve.append((closed_at, cash + sum(q * last.get(s, 0.0) for s, q in held.items())))
     return curve
 

@@ -113,7 +113,11 @@ def run(config: Mapping[str, Any], axes: list[tuple[str, list[Any]]], data: Path
         out: Path, metric: str, jobs: int) -> Path:
     """Run every combination in `jobs` processes, each with its report in a numbered folder
     of `out`, then write `out/grid.csv`; returns its path."""
+    from modules.trading.backtest.engine import check_sections
+
     combos = combinations(config, axes)
+    for _, doc in combos:  # a misspelt key must not run the same backtest N times
+        check_sections(doc, f"{source} with --grid")
     width = len(str(len(combos)))
     folders = [out / f"{n + 1:0{width}d}" for n in range(len(combos))]
     # spawn: a fresh interpreter per worker, whatever threads or loops this one has
@@ -121,6 +125,10 @@ def run(config: Mapping[str, Any], axes: list[tuple[str, list[Any]]], data: Path
         futures = [pool.submit(run_one, doc, data, source, folder)
                    for (_, doc), folder in zip(combos, folders, strict=True)]
         docs = [f.result() for f in futures]
+    if not metric.startswith("marked_") and all(metric not in d["metrics"] for d in docs):
+        known = sorted({k for d in docs for k, v in d["metrics"].items() if not isinstance(v, dict)})
+        raise ConfigError(f"--sort-by {metric}: no such metric (known: {', '.join(known)}, "
+                          "marked_final_equity, marked_max_drawdown_ratio)")
     rows = ranked([(n, chosen, doc) for n, ((chosen, _), doc) in enumerate(zip(combos, docs,
                                                                                  strict=True))],
                   metric)

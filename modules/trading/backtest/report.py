@@ -26,6 +26,9 @@ TRADE_COLUMNS = ("ts", "kind", "symbol", "side", "qty", "price", "fee", "fee_cur
 CHART_POINTS = 2000  # per series in the charts (the extremes of each stretch are kept)
 TABLE_ROWS = 500  # trades shown in the HTML page; trades.csv has all of them
 SECTIONS = ("alpha", "ensemble", "sizing", "execution")
+# The charts' style; a fixed SVG id salt, so the same chart gives the same SVG.
+STYLE: dict[str, Any] = {"svg.hashsalt": "circles", "svg.fonttype": "none", "font.size": 9, "axes.grid": True,
+         "grid.alpha": 0.3}
 HEADLINE = ("net_pnl", "total_return", "cagr", "sharpe", "sortino", "max_drawdown_ratio",
             "calmar", "round_trips", "win_rate", "profit_factor", "fees", "volume", "exposure")
 
@@ -46,7 +49,7 @@ def summary(result: Result) -> dict[str, Any]:
     dd = drawdown(equity)
     settings = result.settings
     return {
-        "data": {"file": str(result.data), "sha256": result.data_sha256, "rows": result.rows,
+        "data": {"file": result.data.name, "sha256": result.data_sha256, "rows": result.rows,
                  "timeframe": result.timeframe, "feeds": result.feeds,
                  "first_bar_close": _iso(result.equity[0][0]) if result.equity else None,
                  "last_bar_close": _iso(result.equity[-1][0]) if result.equity else None,
@@ -76,7 +79,7 @@ def write_trades(path: Path, events: list[dict[str, Any]]) -> None:
 
 
 def thin(points: list[tuple[float, float]], limit: int = CHART_POINTS) -> list[tuple[float, float]]:
-    """At most about `limit` points: the first, the last, and each stretch's lowest and
+    """At most `limit` + 2 points: the first, the last, and each stretch's lowest and
     highest, so no drawdown disappears from the chart."""
     if len(points) <= limit:
         return points
@@ -87,6 +90,8 @@ def thin(points: list[tuple[float, float]], limit: int = CHART_POINTS) -> list[t
         low = min(range(len(stretch)), key=lambda i: stretch[i][1])
         high = max(range(len(stretch)), key=lambda i: stretch[i][1])
         kept.extend(stretch[i] for i in sorted({low, high}))
+    if kept[0] != points[0]:
+        kept.insert(0, points[0])
     if kept[-1] != points[-1]:
         kept.append(points[-1])
     return kept
@@ -94,14 +99,8 @@ def thin(points: list[tuple[float, float]], limit: int = CHART_POINTS) -> list[t
 
 def chart(result: Result) -> Figure:
     """Equity above, drawdown below, against the bars' close times (UTC)."""
-    import matplotlib  # lazily: only a report draws
-
-    matplotlib.use("Agg")
-    from matplotlib.dates import num2date  # noqa: F401 - registers the date converters
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams.update({"svg.hashsalt": "circles", "svg.fonttype": "none",
-                                "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
     equity = thin(result.equity)
     times = [datetime.fromtimestamp(t, UTC) for t, _ in equity]
     values = [e for _, e in equity]
@@ -194,9 +193,14 @@ def write(result: Result, out: Path) -> dict[str, Any]:
     """Write the report into `out` (created); returns metrics.json's content."""
     out.mkdir(parents=True, exist_ok=True)
     doc = summary(result)
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    (out / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
     write_trades(out / "trades.csv", result.events)
-    figure = chart(result)
-    (out / "equity.png").write_bytes(_png(figure))
-    (out / "report.html").write_text(page(doc, _svg(figure), result.events))
+    import matplotlib  # lazily: only a report draws
+
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]
+        figure = chart(result)
+        (out / "equity.png").write_bytes(_png(figure))
+        svg = _svg(figure)
+    (out / "report.html").write_text(page(doc, svg, result.events), encoding="utf-8")
     return doc

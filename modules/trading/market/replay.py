@@ -58,6 +58,9 @@ class BadFile(ConfigError):
         super().__init__(f"config: market.replay.file: {path}: {where}: {problem}")
         self.path, self.where, self.problem = path, where, problem
 
+    def __reduce__(self) -> tuple[type[BadFile], tuple[Path, str, str]]:  # crosses processes
+        return BadFile, (self.path, self.where, self.problem)
+
 
 def _ts_ms(value: Any) -> int:
     if isinstance(value, datetime):
