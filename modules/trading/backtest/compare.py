@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from appliance.bus import Filter, registry
+from appliance.bus import registry
 from appliance.bus.admin import BrokerAdmin, client_secret
 from appliance.bus.mqtt import BrokerAddress, MqttBus
 from appliance.bus.payloads import TradingHalt
@@ -46,6 +46,11 @@ from modules.trading.backtest.engine import SERVICES, scratch_dir
 
 log = logging.getLogger("circles.backtest")
 HALT_WRITER = "risk"
+# What moves while the desk is busy: the pipeline's topics, and the feeds' states (which
+# say when the replay is done).
+WATCHED = (registry.MARKET_FEED, registry.MARKET_BAR, registry.ALPHA_SIGNALS,
+           registry.ENSEMBLE_TARGET, registry.ORDER_INTENT, registry.ORDER_UPDATE,
+           registry.TRADE_EVENT, registry.TRADE_ACK, registry.TRADE_METRICS)
 START_TIMEOUT_S = 60.0
 
 
@@ -138,7 +143,7 @@ async def _paper_run(settings: CoreSettings, rows: int, speed: float, state: Pat
         await observer.connect()
         await halt.connect()
         watch = Watch()
-        await observer.subscribe([(Filter("circles/#"), 1)])
+        await observer.subscribe([(spec.filter(), 1) for spec in WATCHED])
         await halt.send(registry.TRADING_HALT, TradingHalt(
             halted=False, by="backtest", reason="paper comparison: trading allowed throughout"),
             wait=True)
