@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,23 @@ class Child:
                       flush=True)
 
 
+async def provision(port: int, state: Path, services: list[str],
+                    devices: Sequence[tuple[str, str]] = ()) -> str:
+    """On a private broker: the services' clients (and the command line's), the read-only
+    observer, and `devices` ((kind, name), e.g. the demo's simulated EA), each with its
+    secret under `state`. Returns the observer's password."""
+    admin = await BrokerAdmin.connect("127.0.0.1", port, state)
+    try:
+        await admin.sync(services, state)
+        observer_password = ensure_secret(client_secret(OBSERVER), state)
+        await admin.ensure_client("observer", OBSERVER, observer_password)
+        for kind, name in devices:
+            await admin.ensure_client(kind, name, ensure_secret(client_secret(name), state))
+    finally:
+        await admin.close()
+    return observer_password
+
+
 async def up(state: Path, *, only: list[str] | None = None, config: Path | None = None) -> int:
     from appliance import services
     from appliance.config import CoreSettings, load
@@ -142,15 +160,9 @@ async def up(state: Path, *, only: list[str] | None = None, config: Path | None 
     mosq = Broker(state, port)
     mosq.start()
     try:
-        admin = await BrokerAdmin.connect("127.0.0.1", port, state)
-        try:
-            await admin.sync(names, state)
-            observer_password = ensure_secret(client_secret(OBSERVER), state)
-            await admin.ensure_client("observer", OBSERVER, observer_password)
-            if MT5_BRIDGE in names:  # a simulated MetaTrader terminal, with its own account
-                await admin.ensure_client("mt5", DEMO_EA, ensure_secret(client_secret(DEMO_EA), state))
-        finally:
-            await admin.close()
+        # With the mt5 bridge, a simulated MetaTrader terminal with its own account.
+        observer_password = await provision(
+            port, state, names, [("mt5", DEMO_EA)] if MT5_BRIDGE in names else [])
     except BaseException:
         mosq.stop()
         raise

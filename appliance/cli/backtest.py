@@ -25,10 +25,6 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path}: invalid TOML: {exc}") from None
 
 
-def _figure(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def _cmd_backtest(args: argparse.Namespace) -> int:
     from modules.trading.backtest import grid, report
     from modules.trading.backtest.engine import run_backtest
@@ -52,7 +48,7 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     data, metrics = doc["data"], doc["metrics"]
     print(f"bars {result.counts['bars']} ({data['timeframe']}, {data['missing_bars']} missing), "
           f"fills {result.counts['fills']}, round trips {metrics.get('round_trips', 0)}")
-    print("  ".join(f"{k} {_figure(metrics.get(k))}"
+    print("  ".join(f"{k} {report.plain(metrics.get(k))}"
                     for k in ("net_pnl", "total_return", "max_drawdown_ratio", "sharpe")))
     for letter in result.dead_letters:
         print(f"dead letter: {letter}")

@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bus import registry
-from appliance.bus.admin import BrokerAdmin, client_secret
+from appliance.bus.admin import client_secret
 from appliance.bus.mqtt import BrokerAddress, MqttBus
 from appliance.bus.payloads import TradingHalt
 from appliance.bus.trade_event import chain_for
 from appliance.config import CoreSettings, from_mapping
 from appliance.errors import OperationalError
 from appliance.ledger import open_ledger
-from appliance.security.secrets import ensure_secret
-from appliance.supervisor import OBSERVER, Broker, free_port, terminate
+from appliance.security.secrets import read_secret
+from appliance.supervisor import OBSERVER, Broker, free_port, provision, terminate
 from modules.trade_logger.metrics import parse_ts
 from modules.trading.backtest.engine import SERVICES, scratch_dir
 
@@ -66,8 +66,7 @@ def paper_environment(doc: Mapping[str, Any], state: Path, port: int) -> dict[st
                CIRCLES_ENVIRONMENT="development", CIRCLES_BUS__HOST="127.0.0.1",
                CIRCLES_BUS__PORT=str(port), CIRCLES_LOG__LEVEL="INFO")
     for section, value in doc.items():
-        if isinstance(value, Mapping) and section not in ("bus", "log", "database"):
-            env[f"CIRCLES_{section.upper()}"] = json.dumps(value)
+        env[f"CIRCLES_{section.upper()}"] = json.dumps(value)
     return env
 
 
@@ -131,13 +130,7 @@ async def _paper_run(settings: CoreSettings, rows: int, speed: float, state: Pat
     loop.add_signal_handler(signal.SIGTERM, me.cancel)  # stop what was started, then exit
     try:
         await asyncio.to_thread(broker.start)
-        admin = await BrokerAdmin.connect("127.0.0.1", port, state)
-        try:
-            await admin.sync([*SERVICES, HALT_WRITER], state)
-            await admin.ensure_client("observer", OBSERVER,
-                                      ensure_secret(client_secret(OBSERVER), state))
-        finally:
-            await admin.close()
+        await provision(port, state, [*SERVICES, HALT_WRITER])
         observer = _bus(OBSERVER, port, state)
         halt = _bus(HALT_WRITER, port, state)
         await observer.connect()
@@ -183,8 +176,6 @@ async def _paper_run(settings: CoreSettings, rows: int, speed: float, state: Pat
 
 
 def _bus(user: str, port: int, state: Path) -> MqttBus:
-    from appliance.security.secrets import read_secret
-
     password = read_secret(client_secret(user), state)
     return MqttBus(user, BrokerAddress("127.0.0.1", port, user, password), status=False,
                    client_id=f"backtest-{user}-{os.getpid()}")

@@ -35,7 +35,7 @@ from appliance.bus.trading import Bar
 from appliance.config import CoreSettings, from_mapping, section_name, settings_class
 from appliance.errors import ConfigError, OperationalError, ValidationFailed
 from appliance.runtime import Runner
-from modules.trade_logger.metrics import parse_ts
+from modules.trade_logger.metrics import DEPOSIT, WITHDRAWAL, Fills
 from modules.trading.market.replay import BadFile
 
 log = logging.getLogger("circles.backtest")
@@ -242,31 +242,32 @@ def marked_equity(marks: list[tuple[str, float, float]],
                   events: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """The account's equity at every bar close time: cash (deposits − withdrawals, their fees,
     and what fills paid, fees included) plus each position at its symbol's last close. A fill
-    is dated by the bar it filled on, so it counts from that bar's close on."""
-    cash, held, last = 0.0, {}, {}  # type: ignore[var-annotated]
-    dated = sorted(((parse_ts(e["ts"]), i, e) for i, e in enumerate(events)), key=lambda t: t[:2])
+    is dated by the bar it filled on, so it counts from that bar's close on. Events are read
+    as the metrics read them (`Fills`: floats, base-currency fees converted)."""
+    fills = Fills()
+    fills.extend(events)
+    ts, kind, side, qty, price, fee, symbol = (fills.columns()[c].tolist() for c in (
+        "ts", "kind", "side", "qty", "price", "fee", "symbol"))
+    order = sorted(range(len(ts)), key=lambda i: ts[i])  # stable: same ts keeps ledger order
+    cash, held, last = 0.0, [0.0] * len(fills.symbols), {}  # type: ignore[var-annotated]
     curve: list[tuple[float, float]] = []
     n = 0
-    for k, (symbol, closed_at, close) in enumerate(marks):
-        last[symbol] = close
+    for k, (name, closed_at, close) in enumerate(marks):
+        last[name] = close
         if k + 1 < len(marks) and marks[k + 1][1] == closed_at:
             continue  # the other feeds' bars of this close time first
-        while n < len(dated) and dated[n][0] < closed_at:
-            event = dated[n][2]
+        while n < len(order) and ts[order[n]] < closed_at:
+            i = order[n]
             n += 1
-            qty, price = float(event["qty"]), float(event["price"])
-            fee = float(event.get("fee") or 0)
-            if event["kind"] == "deposit":
-                cash += qty * price - fee
-            elif event["kind"] == "withdrawal":
-                cash -= qty * price + fee
+            if kind[i] == DEPOSIT:
+                cash += qty[i] * price[i] - fee[i]
+            elif kind[i] == WITHDRAWAL:
+                cash -= qty[i] * price[i] + fee[i]
             else:
-                if event.get("fee_currency") == event["symbol"].partition("/")[0]:
-                    fee *= price
-                sign = 1.0 if event["side"] == "buy" else -1.0
-                held[event["symbol"]] = held.get(event["symbol"], 0.0) + sign * qty
-                cash -= sign * qty * price + fee
-        curve.append((closed_at, cash + sum(q * last.get(s, 0.0) for s, q in held.items())))
+                held[symbol[i]] += side[i] * qty[i]
+                cash -= side[i] * qty[i] * price[i] + fee[i]
+        curve.append((closed_at, cash + sum(q * last.get(fills.symbols[c], 0.0)
+                                            for c, q in enumerate(held))))
     return curve
 
 

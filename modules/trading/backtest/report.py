@@ -129,10 +129,15 @@ def _svg(figure: Figure) -> str:
     return text[text.index("<svg"):]  # inline: without the XML prolog and doctype
 
 
-def _number(value: Any) -> str:
+def plain(value: Any) -> str:
+    """A figure as the report and the command line show it."""
     if isinstance(value, float):
         return f"{value:.6g}"
-    return html.escape("—" if value is None else str(value))
+    return "—" if value is None else str(value)
+
+
+def _number(value: Any) -> str:
+    return html.escape(plain(value))
 
 
 def page(doc: dict[str, Any], svg: str, events: list[dict[str, Any]]) -> str:

@@ -222,8 +222,6 @@ class ReplaySource:
         self.finished = False
 
     async def open(self) -> None:
-        if self.feeds:  # checked already (the service opens its source twice)
-            return
         await asyncio.to_thread(self.file.check)
         assert self.file.timeframe is not None
         self.feeds = [(self.settings.feed_exchange, s, self.file.timeframe) for s in self.file.symbols]

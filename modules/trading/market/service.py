@@ -49,6 +49,7 @@ class MarketService(Service):
         self.published = 0
         self.phase = "starting"
         self.problem = ""  # why the source cannot be read now, if it cannot
+        self.opened = False
 
     async def start(self) -> None:
         config: MarketSettings = self.config
@@ -56,6 +57,7 @@ class MarketService(Service):
         self.source: Source = self._source(config)
         if not isinstance(self.source, ExchangeSource):
             await self.source.open()  # a bad replay file stops the service here (exit 78)
+            self.opened = True
         self._add_feeds()
 
     def _source(self, config: MarketSettings) -> Source:
@@ -88,7 +90,9 @@ class MarketService(Service):
         delay = 1.0
         while True:
             try:
-                await self.source.open()
+                if not self.opened:  # an exchange: reached here, retried while it is away
+                    await self.source.open()
+                    self.opened = True
                 for key, feed in self.feeds.items():
                     feed.keep(await self.source.history(key))
                 self.problem = ""
