@@ -29,6 +29,7 @@ from appliance.bus.trading import Bar, Order, OrderIntent, Positions
 from appliance.ledger import Ledger, Signer
 from modules.trading.execution.orders import client_order_id
 from modules.trading.execution.store import intents, orders, outbox, positions
+from tests.fake_exchange import fake_exchange_fixture  # noqa: F401
 from tests.helpers import Collector, ServiceProcess, TestBroker, account_rows
 
 NAME = "execution"
@@ -707,3 +708,81 @@ def test_order_rows_are_keyed_by_the_slug_and_rows_of_the_name_still_found(tmp_p
         assert len(store.recent_orders(10)) == 2
     finally:
         engine.dispose()
+
+
+# -- switching between paper and live at run time ------------------------------------------------
+def live_exchange(fake: Any) -> dict[str, Any]:
+    """`[execution.exchange]` pointing at the fake Binance of tests/fake_exchange.py."""
+    return {"id": "binance", "urls": fake.urls(), "backoff_s": 0.05, "timeout_ms": 3000,
+            "breaker_reset_s": 1}
+
+
+async def switch(box: MemoryDesk, mode: str) -> dict[str, Any]:
+    from appliance.bus.payloads import CommandRequest
+
+    result: dict[str, Any] = await box.service.cmd_mode(CommandRequest(mode=mode, by="user:ada"))
+    return result
+
+
+async def test_going_live_needs_the_keys_and_a_flat_account(tmp_path: Path) -> None:
+    """Without the account's API key and secret, going live is refused naming them; with a
+    position, it is refused before anything else (flatten first). Nothing changes either way:
+    still paper, no mode kept."""
+    from appliance.errors import CirclesError
+    from modules.trading.execution.mode import mode_file
+
+    t0 = hour_ago()
+    async with in_memory(tmp_path, fill_at="close") as box:
+        with pytest.raises(CirclesError, match="exchange-replay-api-key"):
+            await switch(box, "live")
+        with pytest.raises(CirclesError, match='mode must be "paper" or "live"'):
+            await switch(box, "real")
+        assert (await switch(box, "paper"))["changed"] is False
+        await box.send(make_bar("BTC/USDT", t0, 100))
+        await box.send(make_intent("replay", "BTC/USDT", "k1", "2", t0))
+        with pytest.raises(CirclesError, match="flatten first"):
+            await switch(box, "live")
+        assert box.service.mode == "paper" and box.service.paper is not None
+    assert not mode_file(tmp_path, "replay").exists()
+
+
+async def test_the_mode_switch_takes_effect_at_once_and_survives_a_restart(
+        tmp_path: Path, fake_exchange: Any) -> None:
+    """Paper → live with the keys in the secret store: the exchange is reached and reconciled
+    before the answer, the retained positions say live, and a restart with `mode = paper` in
+    the configuration comes back live; live → paper the same way. A key the exchange refuses
+    leaves the account on paper."""
+    from appliance.bus.payloads import CommandRequest
+    from appliance.errors import CirclesError
+    from appliance.security.secrets import write_secret
+    from modules.trading.execution.mode import chosen_mode
+    from tests.fake_exchange import API_KEY, SECRET
+
+    exchange = live_exchange(fake_exchange)
+    write_secret("exchange-replay-api-key", "not-the-key", tmp_path)
+    write_secret("exchange-replay-secret", SECRET, tmp_path)
+    async with in_memory(tmp_path, exchange=exchange) as box:
+        with pytest.raises(CirclesError, match="still paper: .*refused"):
+            await switch(box, "live")
+        assert box.service.mode == "paper" and chosen_mode(tmp_path, "replay") is None
+
+        write_secret("exchange-replay-api-key", API_KEY, tmp_path)
+        answer = await switch(box, "live")
+        assert answer == {"account": "replay", "mode": "live", "reconciled": True,
+                          "changed": True, "was": "paper", "by": "user:ada"}
+        assert box.service.paper is None and fake_exchange.calls("/api/v3/account") >= 1
+        published = await box.watch.receive(100, timeout=0.2)
+        assert [Positions.model_validate_json(m.payload).mode for m in published
+                if registry.POSITIONS.parse(m.topic) is not None] == ["live"]
+        positions_now = await box.service.cmd_positions(CommandRequest())
+        assert positions_now["mode"] == "live" and positions_now["reconciled"] is True
+        chosen = chosen_mode(tmp_path, "replay")
+        assert chosen is not None and (chosen.mode, chosen.by) == ("live", "user:ada")
+
+    async with in_memory(tmp_path, exchange=exchange) as again:  # the configuration says paper
+        assert again.service.mode == "live" and again.service.driver is not None
+        assert (await switch(again, "paper"))["mode"] == "paper"
+        assert again.service.driver is None and again.service.paper is not None
+
+    async with in_memory(tmp_path, exchange=exchange) as third:
+        assert third.service.mode == "paper"

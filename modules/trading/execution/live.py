@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 from appliance.bus.trading import OrderStatus
 from appliance.errors import ConfigError, OperationalError, TemporaryError
 from appliance.security.secrets import read_secret
+from appliance.trading_secrets import exchange_secret_names as secret_names
 from modules.trading.exchange import Exchange, ExchangeFailure, ExchangeOrder, OrderRejected
 from modules.trading.execution.orders import (
     ZERO,
@@ -49,12 +50,6 @@ STATUSES: dict[str, OrderStatus] = {"closed": "filled", "canceled": "cancelled",
                                     "expired": "cancelled", "rejected": "rejected"}
 
 
-def secret_names(account: str) -> tuple[str, str]:
-    """The secret store names of an account's API key and secret (`account` as a topic
-    level: `exchange-main-api-key`)."""
-    return f"exchange-{account}-api-key", f"exchange-{account}-secret"
-
-
 def credentials(account: str, state_dir: Path) -> tuple[str, str]:
     """The account's API key and secret ($CREDENTIALS_DIRECTORY first, then the encrypted
     store); ConfigError naming the secret that is missing."""
@@ -63,7 +58,8 @@ def credentials(account: str, state_dir: Path) -> tuple[str, str]:
         value = read_secret(name, state_dir)
         if not value:
             raise ConfigError(f"config: execution: live trading needs the secret {name} "
-                              f"(`circles secrets set {name}`, or a systemd credential)")
+                              f"(the panel's Trading settings, `circles secrets set {name}`, "
+                              "or a systemd credential)")
         values.append(value)
     return values[0], values[1]
 

@@ -16,6 +16,11 @@ orders to the `LiveDriver` of `live.py`, which talks to the exchange. Trading ob
 retained halt: until it has been seen (or after it was deleted), nothing is sent and intents
 wait (at most `halt_wait_s` after start, then they are refused); while halted, intents are
 refused and open orders cancelled; a flatten still closes positions.
+
+The `mode` command switches a flat account between paper and live while the service runs
+(the panel asks it, after the person's authenticator code): the live side is reached and
+reconciled first, then takes over; the choice is kept in the state directory and wins over
+`execution.mode` at the next start (mode.py).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from appliance.bus.topics import slug
 from appliance.bus.trading import Bar, OrderIntent, Orders, Position, Positions
 from appliance.config import CoreSettings
 from appliance.db import open_database
-from appliance.errors import CirclesError, ValidationFailed
+from appliance.errors import CirclesError, ConfigError, OperationalError, ValidationFailed
 from appliance.runtime import Service, subscribe
+from modules.trading.execution.mode import MODES, Mode, choose_mode, chosen_mode
 from modules.trading.execution.orders import ZERO, Change, OrderRow, PositionRow, client_order_id, signed
 from modules.trading.execution.outbox import Outbox
 from modules.trading.execution.paper import DEPOSIT_ID, BarMemory, PaperDriver, PaperModel
@@ -67,19 +73,15 @@ class ExecutionService(Service):
     # -- start and stop -----------------------------------------------------------------------
     async def start(self) -> None:
         c: ExecutionSettings = self.config
-        self.live = c.mode == "live"
-        self.driver: LiveDriver | None = None
-        if self.live:  # paper never touches the secret store, nor the exchange boundary
-            from modules.trading.exchange import require_live_ready
-            from modules.trading.execution.live import LiveDriver, credentials
-
-            require_live_ready(c.exchange.id)
-            api_key, secret = await asyncio.to_thread(credentials, self.account,
-                                                      self.settings.state_dir)
-            self.driver = LiveDriver(self, api_key, secret)
+        # A mode chosen at run time (the `mode` command) wins over the configuration.
+        chosen = await asyncio.to_thread(chosen_mode, self.settings.state_dir, self.account)
+        self.mode: Mode = chosen.mode if chosen is not None else c.mode
+        self.switching = asyncio.Lock()  # one mode switch at a time
+        # Paper never touches the secret store, nor the exchange boundary.
+        self.driver: LiveDriver | None = await self._live_driver() if self.live else None
         self.model = PaperModel(c.slippage_bps, c.fee_bps, c.fill_at, c.max_volume_fraction,
                                 c.quote_currency, c.min_qty)
-        self.paper = None if self.live else PaperDriver(self, self.model)
+        self.paper: PaperDriver | None = None
         self.bars = BarMemory(keep=c.max_intent_age_bars + 3)
         self.lock = asyncio.Lock()  # one change of orders and positions at a time
         self.halt: TradingHalt | None = None  # None: not seen yet (or deleted)
@@ -95,13 +97,34 @@ class ExecutionService(Service):
         self.open = {o.client_order_id: o for o in await self.db(self.store.open_orders)}
         self.positions = await self.db(self.store.positions)
         self.waiting = bool(await self.db(self.store.waiting_intents))
-        if self.paper is not None:
-            self.paper.deposited = not c.starting_balance or await self.db(
-                self.store.has_event, "paper", DEPOSIT_ID)
-        log.info("execution ready", extra={"mode": c.mode, "account": c.account,
+        if not self.live:
+            self.paper = await self._paper_driver()
+        log.info("execution ready", extra={"mode": self.mode, "account": c.account,
+                                           "mode_chosen_by": chosen.by if chosen else None,
                                            "open_orders": len(self.open),
                                            "positions": sum(1 for p in self.positions.values()
                                                             if p.qty)})
+
+    @property
+    def live(self) -> bool:
+        return self.mode == "live"
+
+    async def _live_driver(self) -> LiveDriver:
+        """The live side, with the account's credentials; ConfigError when the exchange may
+        not be traded live or a credential is missing."""
+        from modules.trading.exchange import require_live_ready
+        from modules.trading.execution.live import LiveDriver, credentials
+
+        require_live_ready(self.config.exchange.id)
+        api_key, secret = await asyncio.to_thread(credentials, self.account,
+                                                  self.settings.state_dir)
+        return LiveDriver(self, api_key, secret)
+
+    async def _paper_driver(self) -> PaperDriver:
+        paper = PaperDriver(self, self.model)
+        paper.deposited = not self.config.starting_balance or await self.db(
+            self.store.has_event, "paper", DEPOSIT_ID)
+        return paper
 
     async def stop(self) -> None:
         if (driver := getattr(self, "driver", None)) is not None:
@@ -348,7 +371,7 @@ class ExecutionService(Service):
     # -- retained state -------------------------------------------------------------------------
     async def _publish_orders(self) -> None:
         await self.bus.send(registry.OPEN_ORDERS, Orders(
-            account=self.config.account, mode=self.config.mode,
+            account=self.config.account, mode=self.mode,
             orders=[o.payload() for o in self.open.values()]), account=self.account)
 
     def _marks(self) -> list[Position]:
@@ -357,7 +380,7 @@ class ExecutionService(Service):
     async def _publish_positions(self) -> None:
         self.positions_at, self.positions_dirty = time.monotonic(), False
         await self.bus.send(registry.POSITIONS, Positions(
-            account=self.config.account, mode=self.config.mode,
+            account=self.config.account, mode=self.mode,
             positions=self._marks()), account=self.account)
 
     # -- the run loop ---------------------------------------------------------------------------
@@ -392,7 +415,7 @@ class ExecutionService(Service):
         comparison with the exchange is done, and where the exchange differed from our
         records (balances, and open orders under our ids that we do not have open)."""
         async with self.lock:
-            return {"account": self.config.account, "mode": self.config.mode,
+            return {"account": self.config.account, "mode": self.mode,
                     "positions": [p.model_dump(mode="json") for p in self._marks()],
                     "reconciled": self.driver.reconciled if self.driver is not None else None,
                     "discrepancies": self._discrepancies(),
@@ -405,7 +428,7 @@ class ExecutionService(Service):
         if not isinstance(limit, int) or not 0 <= limit <= 1000:
             raise ValidationFailed("limit must be an integer from 0 to 1000")
         recent = await self.db(self.store.recent_orders, limit)
-        return {"account": self.config.account, "mode": self.config.mode,
+        return {"account": self.config.account, "mode": self.mode,
                 "open": [o.payload().model_dump(mode="json") for o in self.open.values()],
                 "recent": [o.payload().model_dump(mode="json") for o in recent],
                 "discrepancies": self._discrepancies()}
@@ -457,8 +480,82 @@ class ExecutionService(Service):
         return {"orders": [change.orders.get(o.client_order_id, o).payload().model_dump(mode="json")
                            for o in kept + made]}
 
+    async def cmd_mode(self, request: CommandRequest) -> dict[str, Any]:
+        """{"mode": "paper" | "live", "by": "…"} → switch the account at once and for good
+        (kept in the state directory, it wins over `execution.mode` at the next start:
+        mode.py); the mode in force, and whether it changed. Refused, changing nothing,
+        while the account holds a position or an open order (flatten first: paper positions
+        are not at the exchange, nor live ones in the paper model); and for live when the
+        exchange may not be traded live, the account's API key or secret is missing, or the
+        exchange does not take them within `switch_timeout_s`. Going live, the exchange is
+        reached and compared with our records before paper trading stops."""
+        mode, by = (request.model_extra or {}).get("mode"), request.by or "unknown"
+        if mode not in MODES:
+            raise ValidationFailed('mode must be "paper" or "live"')
+        async with self.switching:
+            before, old = self.mode, self.driver
+            if mode == before:
+                return self._mode_answer(changed=False)
+            async with self.lock:
+                self._refuse_unless_flat(mode)
+            driver = await self._open_live() if mode == "live" else None
+            try:
+                async with self.lock:
+                    self._refuse_unless_flat(mode)  # an intent may have been ordered meanwhile
+                    paper = None if driver is not None else await self._paper_driver()
+                    await asyncio.to_thread(choose_mode, self.settings.state_dir, self.account,
+                                            mode, by)
+                    self.driver, self.paper, self.mode = driver, paper, mode
+                    await self._publish_orders()
+                    await self._publish_positions()
+            except BaseException:
+                if driver is not None and self.driver is not driver:
+                    await driver.close()
+                raise
+            if old is not None:
+                await old.close()
+            self.wake.set()
+        log.warning("trading mode switched", extra={"by": by, "from": before, "to": mode,
+                                                    "account": self.config.account})
+        return self._mode_answer(changed=True, was=before, by=by)
+
+    def _mode_answer(self, **extra: Any) -> dict[str, Any]:
+        return {"account": self.config.account, "mode": self.mode,
+                "reconciled": self.driver.reconciled if self.driver is not None else None,
+                **extra}
+
+    def _refuse_unless_flat(self, mode: str) -> None:
+        held = sorted(s for s, p in self.positions.items() if abs(p.qty) >= self.config.min_qty)
+        if self.open or held:
+            raise ValidationFailed(
+                f"still {self.mode}, not {mode}: the account has {len(self.open)} open orders "
+                f"and positions in {', '.join(held) or 'nothing'}; halt and flatten first "
+                "(paper positions are not at the exchange, nor live ones in the paper model)")
+
+    async def _open_live(self) -> LiveDriver:
+        """A live driver that reached the exchange and compared it with our records; else an
+        error saying why not, with nothing left open."""
+        try:
+            driver = await self._live_driver()
+        except ConfigError as exc:
+            why = str(exc).removeprefix("config: ").removeprefix("execution: ")
+            raise ValidationFailed(f"still {self.mode}: {why}") from None
+        timeout = self.config.switch_timeout_s
+        try:
+            await asyncio.wait_for(driver.open(), timeout)
+        except (TimeoutError, ConfigError) as exc:
+            await driver.close()
+            why = f"the exchange refused the account's keys ({exc.__cause__ or exc}); check " \
+                  "them and their permissions" if isinstance(exc, ConfigError) else \
+                f"the exchange did not answer within {timeout:g} s"
+            raise OperationalError(f"still {self.mode}: {why}") from None
+        except BaseException:
+            await driver.close()
+            raise
+        return driver
+
     def status_text(self) -> str:
         state = "halt unknown" if getattr(self, "halt", None) is None else (
             "halted" if self.halt and self.halt.halted else "trading")
-        return (f"{self.config.mode} {self.config.account}, {state}: "
+        return (f"{getattr(self, 'mode', self.config.mode)} {self.config.account}, {state}: "
                 f"{len(getattr(self, 'open', {}))} open orders")

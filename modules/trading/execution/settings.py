@@ -1,7 +1,9 @@
 """Settings of the `execution` service: `[execution]` in circles.toml, `CIRCLES_EXECUTION__…`.
 
 Paper trading is the default; trading live needs `mode = "live"` AND `live_confirmed = true`,
-and then the exchange's API key and secret from the secret store.
+and then the exchange's API key and secret from the secret store. A mode chosen at run time
+with the `mode` command (the panel's Trading settings) is kept and wins over `mode` at the
+next start (mode.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ExecutionSettings(Section):
     poll_s: float = Field(2.0, gt=0, description="live: seconds between polls of open orders")
     positions_interval_s: float = Field(5.0, gt=0, description="republish marked positions "
                                         "at most this often when marks changed")
+    switch_timeout_s: float = Field(8.0, gt=0, description="the `mode` command: how long "
+                                    "going live waits for the exchange to take the keys")
 
     @field_validator("account")
     @classmethod

@@ -404,10 +404,13 @@ class RiskService(Service):
         return await self.resume_trading(by, force=bool(self._arg(request, "force", bool, False)))
 
     async def cmd_flatten(self, request: CommandRequest) -> dict[str, Any]:
-        """{"by": "…"} → halt trading, then ask the execution service to close every position;
-        its answer, or an error saying the flatten was not confirmed (the halt stays)."""
+        """{"by": "…", "reason": "…"} → halt trading, then ask the execution service to close
+        every position; its answer, or an error saying the flatten was not confirmed (the halt
+        stays)."""
         by = self._by(request)
-        reason = f"halt and flatten requested by {by}"
+        why = (self._arg(request, "reason", str, None) or "").strip()
+        reason = f"halt and flatten requested by {by}" + (f": {why}" if why else "")
+        reason = reason[:MAX_REASON]
         async with self._lock:
             was = self.halted
             halt = await self._set_halt(True, by, reason,
