@@ -209,6 +209,7 @@ def test_exposure(root: Root, record_property: pytest.RecordProperty, file: str,
 @pytest.mark.parametrize(("instance", "dropin", "shows"), [
     ("home-sensors", "circles@home-sensors.service.d", "char-gpiochip:rw"),
     ("health", "circles@health.service.d", "adjtimex is allowed"),
+    ("panel", "circles@panel.service.d", "PrivateUsers="),
 ])
 def test_dropin_exposure(root: Root, record_property: pytest.RecordProperty, instance: str,
                          dropin: str, shows: str) -> None:
@@ -242,7 +243,8 @@ def test_mosquitto_exposure(root: Root, record_property: pytest.RecordProperty) 
 @pytest.mark.skipif(not DEBIAN_MOSQUITTO.is_file(),
                     reason=f"{DEBIAN_MOSQUITTO} is missing (Debian package mosquitto)")
 @pytest.mark.parametrize("unit", ["circles@trade-logger.service", "circles@home-sensors.service",
-                                  "circles@health.service", "circles-broker-sync.service",
+                                  "circles@health.service", "circles@panel.service",
+                                  "circles-broker-sync.service",
                                   "circles.target", "mosquitto.service", "minio.service"])
 def test_verify(root: Root, unit: str) -> None:
     root.add_programs()
