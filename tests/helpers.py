@@ -166,9 +166,11 @@ class Collector:
 class ServiceProcess:
     """`circles run <name>` as its own process, as systemd runs it."""
 
-    def __init__(self, name: str, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], cwd: Path,
+                 log_path: Path | None = None) -> None:
         self.name = name
-        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        # Its output (the JSON log lines on stderr): `log_path`, else a new file in `cwd`.
+        self.log_path = log_path or cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "run", name], env=env,
@@ -229,7 +231,8 @@ async def services_online(broker: TestBroker, names: Sequence[str], timeout: flo
 
 
 async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:
-    """Publish from `publisher` and report whether an all-seeing tester received it."""
+    """Publish from `publisher` and report whether an all-seeing tester received it (a
+    retained message that other tests left on the topic does not count)."""
     watch = await Collector.start(broker, topic)
     try:
         try:
@@ -237,7 +240,7 @@ async def delivered(broker: TestBroker, publisher: MqttBus, topic: str) -> bool:
         except AuthError:
             pass  # MQTT v5 PUBACK says so; delivery below is what counts
         try:
-            await watch.wait(lambda ms: ms, 1.5, topic)
+            await watch.wait(lambda ms: [m for m in ms if not m.retain], 1.5, topic)
             return True
         except AssertionError:
             return False

@@ -28,6 +28,7 @@ from appliance.bus.trade_event import RejectedEvent, TradeEvent, TradeMetrics, c
 from appliance.config import Section
 from appliance.errors import TemporaryError, ValidationFailed
 from appliance.ledger import Entry, Ledger, open_ledger
+from appliance.logging import request_id
 from appliance.runtime import Service, subscribe
 from modules.trade_logger.metrics import Fills, compute, equity_curve
 
@@ -77,8 +78,28 @@ class TradeLoggerService(Service):
             by_account.setdefault(account, []).append(event)
         results = await asyncio.to_thread(self._commit, by_account)
         self.written.update(results)  # here, on the loop that swaps the set
+        self._log_stored(items, results)
         for account in by_account.keys() | refused.keys():
             await self._confirm(account, results.get(account, []), refused.get(account, []))
+
+    @staticmethod
+    def _log_stored(items: list[Received], results: dict[str, list[dict[str, Any]]]) -> None:
+        """A line per event stored, under the request id of the message that brought it,
+        so that the logs follow an event from whoever sent it to the ledger."""
+        stored = {(account, r["event_id"], r["source"]): r
+                  for account, rows in results.items() for r in rows}
+        for item in items:
+            event: TradeEvent = item.data
+            row = stored.get((item.params["account"], event.event_id, event.source))
+            if row is None:
+                continue
+            token = request_id.set(item.message.request_id)
+            try:
+                log.info("trade event stored", extra={
+                    "account": event.account, "event_id": event.event_id,
+                    "source": event.source, "seq": row["seq"], "duplicate": row["duplicate"]})
+            finally:
+                request_id.reset(token)
 
     def _commit(self, by_account: dict[str, list[TradeEvent]]) -> dict[str, list[dict[str, Any]]]:
         """One transaction per account; raises TemporaryError while the database is away
