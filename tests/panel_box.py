@@ -1,7 +1,8 @@
-"""A box for the panel's tests: the trade logger, the risk service and the panel as their
-own processes on the session broker, with a database of their own, the root certificate of
-a CA of its own, and three people (an admin and an operator with TOTP, a viewer without),
-and an HTTP client that logs in as a browser does."""
+"""A box for the panel's tests: the trade logger, the risk service, paper execution, the
+home sensors (simulated) and the panel as their own processes on the session broker, with
+a database of their own, the root certificate of a CA of its own, and three people (an
+admin and an operator with TOTP, a viewer without), and an HTTP client that logs in as a
+browser does."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from tests.helpers import ServiceProcess, TestBroker, services_online
 from tests.test_firmware import write_tls_files
 
 PASSWORD = "correct horse battery staple"
-SERVICES = ("trade-logger", "risk", "panel")
+SERVICES = ("trade-logger", "risk", "execution", "home-sensors", "panel")
+ACCOUNT = "panel-box"  # the paper execution's account
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -106,6 +108,8 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
     """Start the services; yield the box; stop them and print their logs."""
     port = free_port(38280)
     ca_cert = write_tls_files(tmp / "tls")[0]
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
     url = f"sqlite:///{tmp / 'panel.db'}"
     engine = db.make_engine(url)
     db.migrate(engine)
@@ -120,9 +124,14 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
                              CIRCLES_RISK__HALT_ON_STALE_MARKET="false",
                              CIRCLES_RISK__MAX_DISK_PERCENT="off",
                              CIRCLES_RISK__ACCOUNTS="panel-box-only",
+                             CIRCLES_EXECUTION__ACCOUNT=ACCOUNT,
                              CIRCLES_PANEL__TRUSTED_PROXIES='["127.0.0.1"]',
-                             CIRCLES_PANEL__CA_CERT=str(ca_cert), **env)
-    procs = [ServiceProcess(name, environment, tmp) for name in SERVICES]
+                             CIRCLES_PANEL__CA_CERT=str(ca_cert),
+                             # each service's JSON lines where the Logs page reads them
+                             CIRCLES_PANEL__LOGS="files", CIRCLES_PANEL__LOGS_DIR=str(logs),
+                             **env)
+    procs = [ServiceProcess(name, environment, tmp, log_path=logs / f"{name}.jsonl")
+             for name in SERVICES]
     box = PanelBox(broker, url, port, users, procs, ca_cert)
     try:
         asyncio.run(services_online(broker, SERVICES))

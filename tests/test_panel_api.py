@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import ssl
 import time
 import uuid
@@ -25,14 +26,27 @@ from appliance.security import audit as events
 from appliance.security.permissions import Role
 from appliance.security.secrets import read_secret
 from appliance.supervisor import port_open
+from tests.fake_exchange import FakeExchange
 from tests.helpers import ServiceProcess
 from tests.panel_box import PASSWORD, PanelBox, csrf_of, start_box
 from tests.test_firmware import write_tls_files
 
 
 @pytest.fixture(scope="module")
-def box(broker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PanelBox]:
-    yield from start_box(broker, tmp_path_factory.mktemp("panel-api"))
+def exchange() -> Iterator[FakeExchange]:
+    """The fake Binance the box's execution service reaches when switched to live."""
+    fake = FakeExchange().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def box(broker: Any, tmp_path_factory: pytest.TempPathFactory,
+        exchange: FakeExchange) -> Iterator[PanelBox]:
+    yield from start_box(broker, tmp_path_factory.mktemp("panel-api"),
+                         CIRCLES_EXECUTION__EXCHANGE__URLS=json.dumps(exchange.urls()),
+                         CIRCLES_EXECUTION__EXCHANGE__BACKOFF_S="0.05",
+                         CIRCLES_EXECUTION__EXCHANGE__TIMEOUT_MS="3000")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +59,18 @@ VIEW, CONTROL, KEYS, SELF, PUBLIC, INGEST = "view", "control", "keys", "self", "
 ROLES_FOR = {VIEW: {Role.VIEWER, Role.OPERATOR, Role.ADMIN},
              SELF: {Role.VIEWER, Role.OPERATOR, Role.ADMIN},
              CONTROL: {Role.OPERATOR, Role.ADMIN}, KEYS: {Role.ADMIN}}
+# This machine (the loopback address, not forwarded) without credentials, or an API token:
+# the table's clients are on this machine, so every role reaches it.
+LOCAL = "local"
+ROLES_FOR[LOCAL] = {Role.VIEWER, Role.OPERATOR, Role.ADMIN}
+# Switching a home device (devices.operate); adding and removing devices (devices.manage).
+OPERATE, MANAGE = "operate", "manage"
+ROLES_FOR[OPERATE] = {Role.OPERATOR, Role.ADMIN}
+ROLES_FOR[MANAGE] = {Role.ADMIN}
+# Exchange API keys, paper or live (secrets.manage). Step-up bodies here are invalid (422):
+# a valid one would use up an authenticator code.
+SECRETS = "secrets"
+ROLES_FOR[SECRETS] = {Role.ADMIN}
 # (method, route path) → (who may, the request made: path, JSON body or form).
 ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("GET", "/api/v1/dashboard"): (VIEW, "/api/v1/dashboard", None),
@@ -68,14 +94,53 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("POST", "/api/v1/trade_events"): (INGEST, "/api/v1/trade_events", {}),
     ("GET", "/api/v1/metrics"): (INGEST, "/api/v1/metrics?account=x", None),
     ("GET", "/api/v1/equity"): (INGEST, "/api/v1/equity?account=x", None),
+    ("GET", "/api/v1/home"): (VIEW, "/api/v1/home", None),
+    ("POST", "/api/v1/home/{device}/{entity}"): (OPERATE, "/api/v1/home/nowhere/switch",
+                                                 {"command": "OFF"}),
+    ("GET", "/api/v1/home/{device}/{entity}/history"): (
+        VIEW, "/api/v1/home/box/temperature/history?hours=1", None),
+    ("GET", "/api/v1/devices"): (VIEW, "/api/v1/devices", None),
+    # Added here and removed by the next row: its password is in this one answer only.
+    ("POST", "/api/v1/devices"): (MANAGE, "/api/v1/devices", {"name": "table-api",
+                                                              "kind": "observer"}),
+    ("DELETE", "/api/v1/devices/{name}"): (MANAGE, "/api/v1/devices/table-api", None),
     # pages
     ("GET", "/"): (VIEW, "/", None),
+    ("GET", "/more"): (VIEW, "/more", None),
     ("GET", "/live/{part}"): (VIEW, "/live/nothing", None),
     ("GET", "/trading"): (VIEW, "/trading", None),
+    ("GET", "/home"): (VIEW, "/home", None),
+    ("POST", "/home/{device}/{entity}/set"): (OPERATE, "/home/nowhere/switch/set",
+                                              {"form": {"command": "OFF"}}),
+    ("GET", "/devices"): (VIEW, "/devices", None),
+    ("POST", "/devices"): (MANAGE, "/devices", {"form": {"name": "table-page",
+                                                          "kind": "observer"}}),
+    ("GET", "/devices/{name}/remove"): (MANAGE, "/devices/table-page/remove", None),
+    ("POST", "/devices/{name}/remove"): (MANAGE, "/devices/table-page/remove", {"form": {}}),
     ("GET", "/trading/{action}"): (CONTROL, "/trading/halt", None),
     ("POST", "/trading/halt"): (CONTROL, "/trading/halt", {"form": {"reason": "table"}}),
     ("POST", "/trading/resume"): (CONTROL, "/trading/resume", {"form": {"force": "true"}}),
+    ("POST", "/trading/flatten"): (CONTROL, "/trading/flatten", {"form": {"reason": "table"}}),
+    ("POST", "/api/v1/trading/flatten"): (CONTROL, "/api/v1/trading/flatten", {"reason": "table"}),
+    ("GET", "/api/v1/trading/settings"): (SECRETS, "/api/v1/trading/settings", None),
+    ("PUT", "/api/v1/trading/accounts/{account}/keys"): (
+        SECRETS, "/api/v1/trading/accounts/panel-box/keys", {"totp": "1"}),
+    ("POST", "/api/v1/trading/accounts/{account}/mode"): (
+        SECRETS, "/api/v1/trading/accounts/panel-box/mode", {"mode": "table", "totp": "1"}),
+    ("GET", "/trading/settings"): (SECRETS, "/trading/settings", None),
+    ("POST", "/trading/settings/keys"): (SECRETS, "/trading/settings/keys",
+                                         {"form": {"account": "panel-box"}}),
+    ("POST", "/trading/settings/mode"): (SECRETS, "/trading/settings/mode", {"form": {
+        "account": "panel-box", "mode": "table"}}),
+    ("GET", "/api/v1/sessions"): (SELF, "/api/v1/sessions", None),
+    ("DELETE", "/api/v1/sessions/{session_id}"): (SELF, "/api/v1/sessions/999999", None),
+    ("POST", "/account/sessions/{session_id}/revoke"): (SELF, "/account/sessions/999999/revoke",
+                                                        {"form": {}}),
+    ("POST", "/account/backup-codes"): (SELF, "/account/backup-codes", {"form": {}}),
     ("GET", "/ledger"): (VIEW, "/ledger", None),
+    ("GET", "/api/v1/logs"): (VIEW, "/api/v1/logs?limit=50", None),
+    ("GET", "/logs"): (VIEW, "/logs", None),
+    ("GET", "/logs/live"): (VIEW, "/logs/live?level=LOUD", None),  # 422: no endless stream
     ("GET", "/ledger/export"): (VIEW, "/ledger/export?chain=audit", None),
     ("POST", "/ledger/keys"): (KEYS, "/ledger/keys", {"form": {"account": "table-page"}}),
     ("POST", "/ledger/keys/{key_id}/revoke"): (KEYS, "/ledger/keys/999999/revoke", {"form": {}}),
@@ -93,6 +158,10 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("POST", "/login/totp"): (PUBLIC, "/login/totp", None),
     ("POST", "/logout"): (PUBLIC, "/logout", None),
     ("GET", "/ca.crt"): (PUBLIC, "/ca.crt", None),
+    ("GET", "/manifest.webmanifest"): (PUBLIC, "/manifest.webmanifest", None),
+    ("GET", "/sw.js"): (PUBLIC, "/sw.js", None),
+    ("GET", "/offline"): (PUBLIC, "/offline", None),
+    ("GET", "/metrics"): (LOCAL, "/metrics", None),
 }
 
 
@@ -134,7 +203,8 @@ def test_each_role_reaches_what_its_permissions_allow(
         else:
             assert answer.status_code == 403, (method, route, answer.status_code)
     if role is Role.VIEWER:  # a viewer changes nothing but their own account
-        assert all(route.startswith(("/api/v1/tokens", "/account")) for _, route in changed_state)
+        assert all(route.startswith(("/api/v1/tokens", "/api/v1/sessions", "/account"))
+                   for _, route in changed_state)
     _resume(clients)
 
 
@@ -142,6 +212,10 @@ def test_without_a_login_nothing_is_reached(box: PanelBox) -> None:
     client = box.client()
     for (method, route), (who, path, body) in ROUTES.items():
         if who in (PUBLIC, INGEST):
+            continue
+        if who == LOCAL:  # this client is on the box: come through the proxy from the LAN
+            answer = _call(client, None, method, path, body, **{"x-forwarded-for": "192.0.2.7"})
+            assert answer.status_code == 401, (method, route)
             continue
         answer = _call(client, None, method, path, body)
         if path.startswith("/api/") and path != "/api/docs":
@@ -518,3 +592,741 @@ def test_a_bad_root_certificate_stops_the_panel_naming_the_key(
     proc = ServiceProcess("panel", own_broker.env(CIRCLES_PANEL__CA_CERT=str(path)), tmp_path)
     assert proc.wait(15) == 78, proc.log
     assert any("panel.ca_cert" in line and why in line for line in proc.log.splitlines()), proc.log
+
+
+# -- the installable app -------------------------------------------------------------------------
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's header (its IHDR chunk comes first)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_the_manifest_makes_an_installable_app(box: PanelBox) -> None:
+    from urllib.parse import urljoin
+
+    client = box.client()  # no cookie: some browsers fetch the manifest without one
+    answer = client.get("/manifest.webmanifest")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/manifest+json")
+    manifest = answer.json()
+    for key in ("name", "short_name", "start_url", "scope", "display", "icons",
+                "background_color", "theme_color"):
+        assert manifest.get(key), key
+    assert manifest["name"] == "Circles"
+    base = box.base + "/manifest.webmanifest"
+    assert urljoin(base, manifest["start_url"]).startswith(urljoin(base, manifest["scope"]))
+    assert manifest["display"] in ("fullscreen", "standalone", "minimal-ui")
+    css = client.get("/static/panel.css").text
+    for key in ("background_color", "theme_color"):
+        assert manifest[key].lower() in css.lower(), key
+    sizes: dict[str, set[str]] = {}
+    for icon in manifest["icons"]:
+        got = client.get(urljoin(base, icon["src"]))
+        assert got.status_code == 200, icon
+        assert got.headers["content-type"].split(";")[0] == icon["type"], icon
+        if icon["type"] == "image/png":
+            width, height = _png_size(got.content)
+            assert icon["sizes"] == f"{width}x{height}", icon
+        for purpose in icon.get("purpose", "any").split():
+            sizes.setdefault(purpose, set()).add(icon["sizes"])
+    assert {"192x192", "512x512"} <= sizes["any"] and "512x512" in sizes["maskable"]
+    # Every page names the manifest and the touch icon an iPhone puts on its home screen.
+    page = client.get("/login").text
+    assert '<link rel="manifest" href="/manifest.webmanifest">' in page
+    touch = re.search(r'<link rel="apple-touch-icon" href="([^"]+)">', page)
+    assert touch and _png_size(client.get(touch.group(1)).content) == (180, 180)
+    assert 'name="theme-color"' in page
+
+
+def test_the_service_worker_keeps_only_the_offline_shell(box: PanelBox) -> None:
+    client = box.client()
+    worker = client.get("/sw.js")
+    assert worker.status_code == 200
+    assert worker.headers["content-type"].startswith("text/javascript")
+    assert worker.headers["cache-control"] == "no-cache"  # a new release is seen at once
+    assert "{{" not in worker.text and re.search(r'var VERSION = "circles-[0-9a-f]{12}";',
+                                                 worker.text)
+    found = re.search(r"var SHELL = (\[.*?\]);", worker.text)
+    assert found
+    shell = json.loads(found.group(1))
+    assert "/offline" in shell and "/static/panel.css" in shell
+    for url in shell:  # what the worker fetches at install, without a cookie
+        assert client.get(url).status_code == 200, url
+    offline = client.get("/offline")
+    assert offline.status_code == 200 and offline.headers["cache-control"] == "no-cache"
+    assert "The box is unreachable right now" in offline.text
+    assert "circles_session" not in offline.text and 'name="csrf"' not in offline.text
+    # Within the CSP: no inline script or style; and it loads only what the worker keeps.
+    html = offline.text
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html) and "<style" not in html
+    assert not re.search(r"\sstyle=|\son[a-z]+=", html)
+    loaded = re.findall(r'<(?:script|img)[^>]* src="([^"]+)"|<link[^>]* href="([^"]+)"', html)
+    assert loaded and all((a or b) in shell for a, b in loaded), loaded
+
+
+# -- Prometheus ----------------------------------------------------------------------------------
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples]
+
+
+def test_metrics_for_a_scraper_on_the_box(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    viewer, _ = clients[Role.VIEWER]
+    account = f"metrics-{uuid.uuid4().hex[:6]}"
+    viewer.get(f"/api/v1/trading/accounts/{account}")
+    assert box.client().get("/static/panel.css").status_code == 200
+    answer = box.client().get("/metrics")  # from 127.0.0.1, no credentials
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert account not in answer.text  # the route's template, never the raw path
+    samples = _samples(answer.text)
+    requests = [(labels, value) for name, labels, value in samples
+                if name == "circles_panel_requests_total"
+                and labels["route"] == "/api/v1/trading/accounts/{account}"]
+    assert requests and all(labels["method"] == "GET" for labels, _ in requests), requests
+    assert sum(value for _, value in requests) >= 1
+    assert any(name == "circles_panel_request_seconds_count"
+               and labels["route"] == "/api/v1/trading/accounts/{account}"
+               for name, labels, _ in samples)
+    assert any(name == "circles_panel_requests_total" and value >= 1 and labels == {
+        "method": "GET", "route": "/static/{path}", "status": "200"}
+        for name, labels, value in samples), "a file is counted under its mount"
+    assert ("circles_service_online", {"service": "risk"}, 1.0) in samples
+    statuses = [value for name, labels, value in samples
+                if name == "circles_bus_messages_total" and labels["topic"] == "service_status"]
+    assert statuses and statuses[0] > 0
+    sessions = [value for name, _, value in samples if name == "circles_panel_sessions"]
+    assert sessions and sessions[0] >= 1  # the table's clients are logged in
+
+
+def test_metrics_from_elsewhere_need_an_api_token(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """Through the box's trusted proxy (127.0.0.1) for a client on the LAN: the request
+    comes from loopback, yet it is not the box's own."""
+    viewer, csrf = clients[Role.VIEWER]
+    made = viewer.post("/api/v1/tokens", json={"label": "prometheus"},
+                       headers={"x-csrf-token": csrf})
+    assert made.status_code == 201
+    token = made.json()["token"]
+    try:
+        with box.client() as lan:
+            for forwarded in ("192.0.2.7", "127.0.0.1"):  # what a forwarded header claims
+                refused = lan.get("/metrics", headers={"x-forwarded-for": forwarded})
+                assert refused.status_code == 401, forwarded
+                assert refused.headers["www-authenticate"] == "Bearer"
+                assert "circles_panel_requests_total" not in refused.text
+            away = {"x-forwarded-for": "192.0.2.7"}
+            allowed = lan.get("/metrics", headers={**away, "authorization": f"Bearer {token}"})
+            assert allowed.status_code == 200 and "circles_service_online" in allowed.text
+            wrong = lan.get("/metrics", headers={**away,
+                                                 "authorization": f"Bearer ct_{'x' * 43}"})
+            assert wrong.status_code == 401
+        # A logged-in browser's session is not a scraper's credential.
+        assert viewer.get("/metrics", headers=away).status_code == 401
+    finally:
+        viewer.delete(f"/api/v1/tokens/{made.json()['id']}", headers={"x-csrf-token": csrf})
+
+
+# -- the home and the devices ----------------------------------------------------------------------
+def _entity(client: httpx.Client, device: str, entity: str) -> dict[str, Any]:
+    found = [e for e in client.get("/api/v1/home").json()["entities"]
+             if (e["device"], e["entity"]) == (device, entity)]
+    assert len(found) == 1, (device, entity)
+    return found[0]
+
+
+def _until(what: str, check: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return found
+
+
+def _retained(box: PanelBox, topic: str) -> Any:
+    """The retained message on `topic`, as a client of the broker receives it."""
+    import asyncio
+
+    from appliance.bus import Filter
+
+    async def receive() -> Any:
+        bus = box.broker.bus()
+        await bus.connect()
+        try:
+            await bus.subscribe([(Filter(topic), 1)])
+            (message,) = await bus.receive(1, timeout=5)
+            return message
+        finally:
+            await bus.close()
+
+    return asyncio.run(receive())
+
+
+def test_a_relay_switched_through_the_api_shows_the_state_its_device_reported(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from appliance.bus import registry
+
+    client, csrf = clients[Role.OPERATOR]
+    relay = _until("the demo relay reports a state",
+                   lambda: (e := _entity(client, "hall-light", "switch"))["value"] and e)
+    assert relay["writable"] and relay["kind"] == "switch" and relay["room"] == "Hall"
+    assert relay["label"] == "Hall light" and relay["online"] is True
+    wanted = "OFF" if relay["value"] == "ON" else "ON"
+    sent = client.post("/api/v1/home/hall-light/switch", json={"command": wanted.lower()},
+                       headers={"x-csrf-token": csrf})
+    assert sent.status_code == 202 and sent.json()["command"] == wanted, sent.text
+    now = _until(f"the relay reports {wanted}",
+                 lambda: (e := _entity(client, "hall-light", "switch"))["value"] == wanted and e)
+    # What the panel shows is what home-sensors published after driving the pin.
+    message = _retained(box, str(registry.HOME_STATE.topic(device="hall-light",
+                                                           entity="switch")))
+    assert message.sender == "home-sensors"
+    reported = json.loads(message.payload)
+    assert (reported["value"], reported["ts"]) == (wanted, now["ts"])
+    assert now["ts"] != relay["ts"]
+    assert any(e.action == events.DEVICE_SWITCH and e.actor == "user:otto"
+               and e.target == "hall-light/switch" and e.details["command"] == wanted
+               for e in box.audit())
+    # A dimmer takes a brightness; it too shows what it reported.
+    assert client.post("/api/v1/home/desk-lamp/brightness", json={"command": 40},
+                       headers={"x-csrf-token": csrf}).status_code == 202
+    _until("the dimmer reports 40", lambda: _entity(client, "desk-lamp", "brightness")["value"]
+           == 40)
+    # JSON true and false are ON and OFF, not the brightness 1 and 0.
+    for flag, word in ((False, "OFF"), (True, "ON")):
+        sent = client.post("/api/v1/home/desk-lamp/brightness", json={"command": flag},
+                           headers={"x-csrf-token": csrf})
+        assert sent.status_code == 202 and sent.json()["command"] == word, sent.text
+    for path, command, code in (("hall-light/switch", "BRIGHT", 422),
+                                ("desk-lamp/brightness", 140, 422),
+                                ("box/temperature", "ON", 409), ("nowhere/switch", "ON", 404)):
+        answer = client.post(f"/api/v1/home/{path}", json={"command": command},
+                             headers={"x-csrf-token": csrf})
+        assert answer.status_code == code, (path, answer.text)
+    viewer, viewer_csrf = clients[Role.VIEWER]
+    assert viewer.post("/api/v1/home/hall-light/switch", json={"command": "ON"},
+                       headers={"x-csrf-token": viewer_csrf}).status_code == 403
+
+
+def test_a_sensors_history_has_points_and_the_home_page_charts_it(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    viewer, _ = clients[Role.VIEWER]
+    history = _until("the garden light's history has points", lambda: (
+        answer := viewer.get("/api/v1/home/garden-light/level/history").json())["points"]
+        and answer, timeout=20)
+    start, mean, low, high, readings = history["points"][-1]
+    assert low <= mean <= high and readings >= 1 and start <= time.time()
+    assert history["step_s"] >= 1
+    page = viewer.get("/home").text
+    assert 'data-entity="garden-light/level"' in page and 'class="chart spark"' in page
+    assert "Garden light" in page and "Turn on" not in page  # a viewer gets no switches
+    with viewer.stream("GET", "/live/home") as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "event: home"
+        part = "\n".join(iter(lambda: next(lines), ""))  # up to the event's blank line
+    assert 'data-entity="garden-light/level"' in part and "Turn on" not in part
+
+
+def test_a_device_added_on_the_panel_connects_until_it_is_removed(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    import asyncio
+
+    from appliance.bus import MqttBus, registry
+    from appliance.errors import AuthError
+
+    admin, csrf = clients[Role.ADMIN]
+    operator, operator_csrf = clients[Role.OPERATOR]
+    name = f"node-{uuid.uuid4().hex[:6]}"
+    assert operator.post("/api/v1/devices", json={"name": name, "kind": "esp32"},
+                         headers={"x-csrf-token": operator_csrf}).status_code == 403
+    made = admin.post("/api/v1/devices", json={"name": name, "kind": "esp32"},
+                      headers={"x-csrf-token": csrf})
+    assert made.status_code == 201, made.text
+    password = made.json()["password"]
+    config = made.json()["config"]
+    assert config["device"] == name and config["broker"]["username"] == name
+    assert config["broker"]["password"] == password and config["broker"]["port"] == 1883
+    assert admin.post("/api/v1/devices", json={"name": name, "kind": "esp32"},
+                      headers={"x-csrf-token": csrf}).status_code == 409
+    listed = {d["name"]: d for d in admin.get("/api/v1/devices").json()}
+    assert listed[name]["kind"] == "esp32" and listed[name]["online"] is None
+    for shown_again in (admin.get("/api/v1/devices").text, admin.get("/devices").text):
+        assert name in shown_again and password not in shown_again
+    with admin.stream("GET", "/live/devices") as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "event: devices"
+        part = "\n".join(iter(lambda: next(lines), ""))
+    assert f'data-device="{name}"' in part and "ESP32 node" in part and password not in part
+
+    def node(client_id: str) -> MqttBus:
+        return MqttBus(name, box.broker.address(name, password, reconnect_max_s=0.5),
+                       status=False, persistent=False, client_id=f"{name}-{client_id}")
+
+    async def connected_until_removed() -> None:
+        esp32 = node("a")
+        await esp32.connect(timeout=10)
+        try:
+            # Not retained: the status of a node that is about to go must not outlive it.
+            await esp32.publish(str(registry.HOME_STATUS.topic(device=name)), b"online")
+            deadline = time.monotonic() + 10
+            while not ((row := {d["name"]: d for d in admin.get("/api/v1/devices").json()}
+                        [name])["online"] and row["last_seen"]):
+                assert time.monotonic() < deadline, row
+                await asyncio.sleep(0.1)
+            removed = admin.delete(f"/api/v1/devices/{name}", headers={"x-csrf-token": csrf})
+            assert removed.status_code == 200, removed.text
+            for _ in range(40):
+                if not esp32.connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert not esp32.connected, "the removed node is still connected"
+            with pytest.raises(AuthError):
+                await node("b").connect(timeout=5)
+        finally:
+            await esp32.close()
+
+    asyncio.run(connected_until_removed())
+    assert name not in {d["name"] for d in admin.get("/api/v1/devices").json()}
+    assert admin.delete(f"/api/v1/devices/{name}",
+                        headers={"x-csrf-token": csrf}).status_code == 404
+    actions = [(e.action, e.actor) for e in box.audit() if e.target == name]
+    assert actions == [(events.DEVICE_ADD, "user:ada"), (events.DEVICE_REMOVE, "user:ada")]
+
+
+# -- the logs ------------------------------------------------------------------------------------
+def _log_lines(client: httpx.Client, until: Any, **params: str) -> list[dict[str, Any]]:
+    """The lines of `GET /api/v1/logs?…` once `until(lines)` holds (a service writes its
+    line a moment after the bus message it handled)."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = client.get("/api/v1/logs", params=params)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["source"] == "files"
+        lines: list[dict[str, Any]] = answer.json()["lines"]
+        if until(lines):
+            return lines
+        assert time.monotonic() < deadline, (params, lines[:5])
+        time.sleep(0.2)
+
+
+def test_the_logs_follow_a_halt_across_services(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """A halt asked through the panel is logged by the risk service under the request's id,
+    and by the execution service, which obeys the halt that answer published: one request id
+    gives the lines of both services, newest first; the level filter keeps the warning."""
+    _resume(clients)
+    client, csrf = clients[Role.OPERATOR]
+    reason = f"logs test {uuid.uuid4().hex[:6]}"
+    assert client.post("/api/v1/trading/halt", json={"reason": reason},
+                       headers={"x-csrf-token": csrf}).status_code == 200
+    try:
+        viewer, _ = clients[Role.VIEWER]
+        risk = _log_lines(viewer, lambda lines: any(
+            line["message"] == "trading halted" and line["extra"].get("reason") == reason
+            for line in lines), service="risk")
+        assert {line["service"] for line in risk} == {"risk"}
+        request_id = next(line["request_id"] for line in risk
+                          if line["extra"].get("reason") == reason)
+        assert request_id
+        lines = _log_lines(viewer, lambda lines: {"risk", "execution"} <= {
+            line["service"] for line in lines}, request_id=request_id)
+        assert {line["request_id"] for line in lines} == {request_id}
+        assert [line["timestamp"] for line in lines] == sorted(
+            (line["timestamp"] for line in lines), reverse=True)
+        assert set(lines[0]) == {"timestamp", "log_level", "service", "message", "request_id",
+                                 "environment", "extra"}
+        warnings = viewer.get("/api/v1/logs", params={"request_id": request_id,
+                                                      "level": "warn"}).json()["lines"]
+        assert warnings and {line["service"] for line in warnings} == {"execution"}
+        assert all(line["log_level"] in ("WARN", "ERROR") for line in warnings)
+        assert viewer.get("/api/v1/logs", params={"request_id": request_id, "limit": 1}
+                          ).json()["lines"] == lines[:1]
+        page = viewer.get("/logs", params={"request_id": request_id, "level": ""}).text
+        assert f'href="/logs?request_id={request_id}"' in page and reason in page
+    finally:
+        _resume(clients)
+    for params in ({"level": "LOUD"}, {"limit": "0"}, {"limit": "2001"},
+                   {"service": "../panel"}, {"request_id": "a b"}):
+        assert viewer.get("/api/v1/logs", params=params).status_code == 422, params
+
+
+def test_an_expert_advisor_added_on_the_panel_is_seen_by_its_heartbeat(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    import asyncio
+
+    from appliance.bus import MqttBus, registry
+    from appliance.bus.mt5 import MT5Heartbeat
+    from appliance.bus.payloads import utcnow
+
+    admin, csrf = clients[Role.ADMIN]
+    name = f"ea-{uuid.uuid4().hex[:6]}"
+    made = admin.post("/api/v1/devices", json={"name": name, "kind": "mt5"},
+                      headers={"x-csrf-token": csrf})
+    assert made.status_code == 201, made.text
+    password = made.json()["password"]
+    inputs = dict(line.split("=", 1) for line in made.json()["mt5_inputs"].splitlines())
+    assert inputs["InpUsername"] == inputs["InpAccount"] == name
+    assert inputs["InpPassword"] == password and inputs["InpPort"] == "1883"
+
+    def row() -> dict[str, Any]:
+        return {d["name"]: d for d in admin.get("/api/v1/devices").json()}[name]
+
+    assert row()["online"] is None and row()["last_seen"] is None
+
+    async def terminal(status: bool) -> None:
+        """The EA: a heartbeat, or its status (not retained, so nothing outlives the test)."""
+        ea = MqttBus(name, box.broker.address(name, password), status=False, persistent=False,
+                     client_id=f"{name}-terminal")
+        await ea.connect(timeout=10)
+        try:
+            if status:
+                await ea.publish(str(registry.MT5_STATUS.topic(account=name)), b"online",
+                                 wait=True)
+            else:
+                await ea.send(registry.MT5_HEARTBEAT, MT5Heartbeat(ts=utcnow()), account=name,
+                              wait=True)
+        finally:
+            await ea.close()
+
+    asyncio.run(terminal(status=False))
+    beaten = _until("the heartbeat is seen", lambda: (r := row())["last_seen"] and r)
+    assert beaten["online"] is None  # a heartbeat says it is alive, not its status
+    asyncio.run(terminal(status=True))
+    online = _until("the status is seen", lambda: (r := row())["online"] and r)
+    assert online["since"] and online["last_seen"] >= beaten["last_seen"]
+    assert admin.delete(f"/api/v1/devices/{name}",
+                        headers={"x-csrf-token": csrf}).status_code == 200
+
+
+# -- step-up, exchange keys, paper or live, sessions, backup codes, flatten ---------------------
+def _person_with_codes(box: PanelBox, name: str, role: Role) -> tuple[Any, list[str]]:
+    """A person with an authenticator app, and the backup codes it came with."""
+    from tests.panel_box import Person
+
+    box.users.add(name, PASSWORD, role, actor="cli:test")
+    person = Person(name, role, totp=pyotp.parse_uri(  # type: ignore[arg-type]
+        box.users.totp.begin_enrolment(name).uri))
+    codes = box.users.totp.confirm_enrolment(name, box.code(person), actor="cli:test")
+    return person, codes
+
+
+def _login_with(box: PanelBox, name: str, code: str) -> tuple[httpx.Client, str]:
+    """Logged in with the password and `code` (a backup code keeps the app's codes free)."""
+    client = box.client()
+    csrf = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"username": name, "password": PASSWORD, "csrf": csrf})
+    assert answer.headers.get("location", "").startswith("/login/totp"), answer.text[-800:]
+    assert client.post("/login/totp", data={"code": code, "csrf": csrf}).status_code == 303
+    return client, csrf_of(client.get("/account").text)
+
+
+def _not_now(person: Any) -> str:
+    """Six digits the person's authenticator does not show around now."""
+    near = {person.totp.at(time.time() + k * 30) for k in range(-3, 4)}
+    return next(c for c in (f"{d}" * 6 for d in range(10)) if c not in near)
+
+
+def _execution(box: PanelBox, command: str, **args: Any) -> dict[str, Any]:
+    """The box's execution service's answer, asked over the bus."""
+    import asyncio
+
+    async def ask() -> Any:
+        bus = box.broker.bus()
+        await bus.connect()
+        try:
+            return await bus.request("execution", command, args, timeout=10)
+        finally:
+            await bus.close()
+
+    reply = asyncio.run(ask())
+    assert reply.ok, reply.error
+    result: dict[str, Any] = reply.result
+    return result
+
+
+def test_exchange_keys_need_a_code_are_stored_and_never_shown(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from tests.panel_box import ACCOUNT
+
+    kim, codes = _person_with_codes(box, "kim", Role.ADMIN)
+    client, csrf = _login_with(box, "kim", codes[0])
+    path = f"/api/v1/trading/accounts/{ACCOUNT}/keys"
+    names = (f"exchange-{ACCOUNT}-api-key", f"exchange-{ACCOUNT}-secret")
+    state: Path = box.broker.state
+    before = [read_secret(n, state) for n in names]
+    api_key, secret = f"key-{uuid.uuid4().hex}", f"secret-{uuid.uuid4().hex}"
+    body = {"api_key": api_key, "secret": secret}
+    for code, why in (("", "type the code"), (_not_now(kim), "wrong code")):
+        refused = client.put(path, json=body | {"totp": code}, headers={"x-csrf-token": csrf})
+        assert refused.status_code == 403 and why in refused.json()["detail"]
+        assert [read_secret(n, state) for n in names] == before  # nothing changed
+    operator, operator_csrf = clients[Role.OPERATOR]
+    assert operator.put(path, json=body | {"totp": "123456"},  # secrets.manage: admins only
+                        headers={"x-csrf-token": operator_csrf}).status_code == 403
+    stored = client.put(path, json=body | {"totp": box.code(kim)}, headers={"x-csrf-token": csrf})
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["keys"]["set"] and stored.json()["keys"]["names"] == list(names)
+    assert [read_secret(n, state) for n in names] == [api_key, secret]
+    # Replaced, with a backup code this time (a step-up code is good once, and so is this).
+    api_key, secret = f"key-{uuid.uuid4().hex}", f"secret-{uuid.uuid4().hex}"
+    page = client.post("/trading/settings/keys", data={
+        "account": ACCOUNT, "api_key": api_key, "secret": secret, "code": codes[1],
+        "csrf": csrf})
+    assert page.status_code == 303 and "not shown again" in client.get("/trading/settings").text
+    assert [read_secret(n, state) for n in names] == [api_key, secret]
+    again = client.post("/trading/settings/keys", data={
+        "account": ACCOUNT, "api_key": "x" * 20, "secret": "y" * 20, "code": codes[1],
+        "csrf": csrf})
+    assert again.status_code == 403 and "wrong code" in again.text  # the used backup code
+    assert read_secret(names[0], state) == api_key
+    # No answer shows them: not the settings, not any page or API answer of the table.
+    for (method, route), (who, where, _) in ROUTES.items():
+        if method != "GET" or who == INGEST or route.startswith("/live"):
+            continue
+        text_ = client.get(where).text
+        for value in (api_key, secret, *codes):
+            assert value not in text_, (route, value[:6])
+    settings = client.get("/api/v1/trading/settings").json()
+    mine = next(a for a in settings["accounts"] if a["account"] == ACCOUNT)
+    assert settings["execution_account"] == ACCOUNT and mine["keys"]["set"]
+    assert mine["keys"]["api_key_set_at"] and mine["switchable"]
+    writes = [(e.actor, e.target) for e in box.audit() if e.action == events.SECRET_WRITE]
+    assert ("user:kim", names[0]) in writes and ("user:kim", names[1]) in writes
+    assert not any(api_key in json.dumps(e.details) for e in box.audit())
+
+
+def test_going_live_needs_a_code_then_reaches_the_exchange_and_comes_back(
+        box: PanelBox, exchange: FakeExchange) -> None:
+    """Without a code nothing changes; with one, the execution service stores nothing new,
+    reaches the (fake) exchange with the account's keys, reconciles, and answers live; back
+    to paper the same way. Each switch is audit-logged by the panel."""
+    from tests.fake_exchange import API_KEY, SECRET
+    from tests.panel_box import ACCOUNT
+
+    lee, codes = _person_with_codes(box, "lee", Role.ADMIN)
+    client, csrf = _login_with(box, "lee", codes[0])
+    assert client.put(f"/api/v1/trading/accounts/{ACCOUNT}/keys", json={
+        "api_key": API_KEY, "secret": SECRET, "totp": codes[1]},
+        headers={"x-csrf-token": csrf}).status_code == 200
+    path = f"/api/v1/trading/accounts/{ACCOUNT}/mode"
+    assert _execution(box, "positions")["mode"] == "paper"
+    refused = client.post(path, json={"mode": "live"}, headers={"x-csrf-token": csrf})
+    assert refused.status_code == 403 and "type the code" in refused.json()["detail"]
+    page = client.post("/trading/settings/mode", data={"account": ACCOUNT, "mode": "live",
+                                                       "code": "", "csrf": csrf})
+    assert page.status_code == 403 and "type the code" in page.text
+    assert _execution(box, "positions")["mode"] == "paper"
+    assert exchange.calls("/api/v3/account") == 0
+    elsewhere = client.post("/api/v1/trading/accounts/someone-else/mode",
+                            json={"mode": "live", "totp": codes[2]}, headers={"x-csrf-token": csrf})
+    assert elsewhere.status_code == 404  # the box's execution trades panel-box only
+    try:
+        live = client.post(path, json={"mode": "live", "totp": box.code(lee)},
+                           headers={"x-csrf-token": csrf})
+        assert live.status_code == 200, live.text
+        assert live.json() | {"by": None} == {"account": ACCOUNT, "mode": "live",
+                                              "reconciled": True, "changed": True,
+                                              "was": "paper", "by": None}
+        assert exchange.calls("/api/v3/account") >= 1  # signed with the stored keys
+        assert _execution(box, "positions")["mode"] == "live"
+        deadline = time.monotonic() + 10
+        while next(a for a in client.get("/api/v1/trading/settings").json()["accounts"]
+                   if a["account"] == ACCOUNT)["mode"] != "live":
+            assert time.monotonic() < deadline, "the retained positions never said live"
+            time.sleep(0.1)
+        assert 'id="go-paper"' in client.get("/trading/settings").text
+    finally:
+        back = client.post(path, json={"mode": "paper", "totp": codes[3]},
+                           headers={"x-csrf-token": csrf})
+        assert back.status_code == 200 and back.json()["mode"] == "paper", back.text
+    assert _execution(box, "positions")["mode"] == "paper"
+    switches = [(e.actor, e.target, e.details.get("before"), e.details.get("to"))
+                for e in box.audit() if e.action == events.TRADING_MODE]
+    assert ("user:lee", ACCOUNT, "paper", "live") in switches
+    assert ("user:lee", ACCOUNT, "live", "paper") in switches
+
+
+def test_sessions_are_listed_and_revoked(box: PanelBox,
+                                         clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from tests.panel_box import Person
+
+    box.users.add("sam", PASSWORD, Role.VIEWER, actor="cli:test")
+    sam = Person("sam", Role.VIEWER)
+    phone, phone_csrf = box.login(sam)
+    laptop, _ = box.login(sam)
+    listed = phone.get("/api/v1/sessions").json()
+    assert len(listed) == 2 and [s["current"] for s in listed].count(True) == 1
+    assert set(listed[0]) == {"id", "created_at", "last_seen_at", "expires_at", "source",
+                              "user_agent", "second_factor", "browser", "current"}
+    assert laptop.cookies["circles_session"] not in json.dumps(listed)
+    other = next(s["id"] for s in listed if not s["current"])
+    this = next(s["id"] for s in listed if s["current"])
+    admin, admin_csrf = clients[Role.ADMIN]
+    assert admin.delete(f"/api/v1/sessions/{other}",  # someone else's: out of reach
+                        headers={"x-csrf-token": admin_csrf}).status_code == 404
+    assert laptop.get("/api/v1/me").status_code == 200
+    page = phone.get("/account").text
+    assert 'id="sessions"' in page and "this one" in page
+    assert phone.delete(f"/api/v1/sessions/{other}",
+                        headers={"x-csrf-token": phone_csrf}).json() == {"revoked": other,
+                                                                         "current": False}
+    assert laptop.get("/api/v1/me").status_code == 401  # ended at once
+    assert [s["id"] for s in phone.get("/api/v1/sessions").json()] == [this]
+    token = phone.post("/api/v1/tokens", json={"label": "s"},
+                       headers={"x-csrf-token": phone_csrf}).json()["token"]
+    assert box.client().get("/api/v1/sessions", headers={
+        "authorization": f"Bearer {token}"}).status_code == 403  # a script sees none
+    ended = phone.post(f"/account/sessions/{this}/revoke", data={"csrf": phone_csrf})
+    assert ended.status_code == 303 and ended.headers["location"] == "/login"
+    assert phone.get("/api/v1/me").status_code == 401
+    revokes = [(e.actor, e.details.get("session_id"), e.details.get("current"))
+               for e in box.audit() if e.action == events.SESSION_REVOKE]
+    assert ("user:sam", other, False) in revokes and ("user:sam", this, True) in revokes
+
+
+def test_new_backup_codes_need_a_code_and_replace_the_old_ones(box: PanelBox) -> None:
+    bea, codes = _person_with_codes(box, "bea", Role.OPERATOR)
+    client, csrf = _login_with(box, "bea", codes[0])
+    page = client.get("/account").text
+    assert "9 of 10 left" in page
+    refused = client.post("/account/backup-codes", data={"code": _not_now(bea), "csrf": csrf})
+    assert refused.status_code == 403 and "wrong code" in refused.text
+    made = client.post("/account/backup-codes", data={"code": codes[1], "csrf": csrf})
+    assert made.status_code == 200 and "the earlier ones no longer work" in made.text
+    fresh = re.findall(r"<li><code>([a-z0-9]{5}-[a-z0-9]{5})</code></li>", made.text)
+    assert len(fresh) == 10 and not set(fresh) & set(codes)
+    assert not any(c in client.get("/account").text for c in fresh)  # shown once
+    old = client.post("/account/backup-codes", data={"code": codes[2], "csrf": csrf})
+    assert old.status_code == 403 and "wrong code" in old.text
+    new = client.post("/account/backup-codes", data={"code": fresh[0], "csrf": csrf})
+    assert new.status_code == 200 and 'id="backup-codes"' in new.text
+    renewed = [e for e in box.audit() if e.action == events.BACKUP_CODES_RENEW
+               and e.target == "bea"]
+    assert len(renewed) == 2 and renewed[0].actor == "user:bea"
+    # Without an authenticator there is nothing to renew: the step-up says so.
+    viewer, viewer_csrf = box.login(box.people[Role.VIEWER])
+    none = viewer.post("/account/backup-codes", data={"code": "123456", "csrf": viewer_csrf})
+    assert none.status_code == 403 and "set up an authenticator app first" in none.text
+
+
+def test_halt_and_flatten_reaches_risk_and_execution(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    _resume(clients)
+    client, csrf = clients[Role.OPERATOR]
+    assert 'id="flatten"' in client.get("/trading").text
+    confirm = client.get("/trading/flatten")
+    assert confirm.status_code == 200 and "Halt and flatten?" in confirm.text
+    try:
+        answer = client.post("/api/v1/trading/flatten", json={"reason": "api flatten"},
+                             headers={"x-csrf-token": csrf})
+        assert answer.status_code == 200, answer.text
+        result = answer.json()
+        assert result["halt"]["halted"] and result["halt"]["by"] == "user:otto"
+        assert result["halt"]["reason"] == "halt and flatten requested by user:otto: api flatten"
+        assert result["execution"] == {"orders": []}  # the paper account holds nothing
+        page = client.post("/trading/flatten", data={"reason": "page flatten", "csrf": csrf})
+        assert page.status_code == 303
+        assert "flattened" in client.get("/trading").text
+    finally:
+        _resume(clients)
+    flattens = [(e.actor, e.details.get("reason")) for e in box.audit()
+                if e.action == events.TRADING_FLATTEN]
+    assert ("user:otto", "halt and flatten requested by user:otto: api flatten") in flattens
+
+
+def test_a_live_log_tail_ends_with_its_login(box: PanelBox) -> None:
+    client, csrf = box.login(box.people[Role.VIEWER])
+    # Silent for 8 s (no line, no keepalive yet) fails the read: the stream must end before.
+    with client.stream("GET", "/logs/live", params={"level": "ERROR"},
+                       timeout=httpx.Timeout(30, read=8)) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        assert next(lines) == "event: ready"
+        with box.client() as other:
+            other.cookies.update(client.cookies)
+            assert other.post("/logout", data={"csrf": csrf}).status_code == 303
+        rest = list(lines)  # ends within CHECK_S of the logout
+    assert rest[0] == "data: following"
+
+
+def test_the_logs_follow_a_trade_event_from_the_panel_to_the_ledger(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """A trade event posted to the panel with an `X-Request-ID` is logged under that id by
+    the panel, which received it, and by the trade logger, which stored it: the logs follow
+    it from one to the other. Without the header the answer names the id it was given."""
+    from appliance.simulate import simulated_trades
+
+    admin, csrf = clients[Role.ADMIN]
+    account = f"trail-{uuid.uuid4().hex[:6]}"
+    key = admin.post("/api/v1/ledger/keys", json={"account": account},
+                     headers={"x-csrf-token": csrf}).json()["key"]
+    event = json.loads(next(iter(simulated_trades(1, account, seed=5))).model_dump_json())
+    request_id = f"ea-{uuid.uuid4().hex}"
+    stored = box.client().post("/api/v1/trade_events", json=event, headers={
+        "authorization": f"Bearer {key}", "x-request-id": request_id})
+    assert stored.status_code == 200, stored.text
+    assert stored.headers["x-request-id"] == request_id
+    viewer, _ = clients[Role.VIEWER]
+    lines = _log_lines(viewer, lambda lines: {"panel", "trade-logger"} <= {
+        line["service"] for line in lines}, request_id=request_id)
+    by_service = {line["service"]: line for line in lines}
+    assert by_service["panel"]["message"] == "trade events received"
+    assert by_service["trade-logger"]["message"] == "trade event stored"
+    assert by_service["trade-logger"]["extra"]["event_id"] == event["event_id"]
+    assert by_service["trade-logger"]["extra"]["seq"] == stored.json()["seq"]
+    fresh = viewer.get("/api/v1/me").headers["x-request-id"]
+    assert len(fresh) == 32 and fresh != request_id
+    for unusable in ("a b", "short", "x" * 65, "a/b/c/d/e"):
+        assert viewer.get("/api/v1/me", headers={"x-request-id": unusable}
+                          ).headers["x-request-id"] != unusable
+
+
+def test_positions_and_open_orders_show_per_account(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """What an execution service retains of an account (positions marked to the last price,
+    open orders) is on the trading page, in `GET /api/v1/trading` and on the flatten
+    confirmation."""
+    import asyncio
+    from decimal import Decimal
+
+    from appliance.bus import registry
+    from appliance.bus.trading import Order, Orders, Position, Positions
+
+    account = f"shown-{uuid.uuid4().hex[:6]}"
+    positions = Positions(account=account, mode="paper", positions=[Position(
+        symbol="ETH/USDT", qty=Decimal("1.5"), avg_price=Decimal(3000),
+        last_price=Decimal(2900), unrealized_pnl=Decimal(-150))])
+    orders = Orders(account=account, mode="paper", orders=[Order(
+        client_order_id="c-shown", intent_key="k", account=account, exchange="sim",
+        symbol="ETH/USDT", side="sell", qty=Decimal("0.5"), status="open",
+        created_at="2026-01-02T03:04:05+00:00")])
+
+    async def retain(clear: bool = False) -> None:
+        bus = box.broker.bus()
+        await bus.connect()
+        try:
+            for spec, payload in ((registry.POSITIONS, positions), (registry.OPEN_ORDERS, orders)):
+                topic = str(spec.topic(account=account))
+                data = b"" if clear else payload.model_dump_json().encode()
+                await bus.publish(topic, data, retain=True, wait=True)
+        finally:
+            await bus.close()
+
+    asyncio.run(retain())
+    try:
+        client, _ = clients[Role.OPERATOR]
+        deadline = time.monotonic() + 10
+        while not (shown := [b for b in client.get("/api/v1/trading").json()["execution"]
+                             if b["account"] == account and b["orders"]]):
+            assert time.monotonic() < deadline, "the retained positions never showed"
+            time.sleep(0.1)
+        assert shown[0]["mode"] == "paper" and shown[0]["positions"][0]["qty"] == "1.5"
+        page = client.get("/trading").text
+        assert account in page and "ETH/USDT" in page and "-150.00" in page
+        assert "sell ETH/USDT" in page and "2,900.00" in page
+        assert "ETH/USDT" in client.get("/trading/flatten").text
+    finally:
+        asyncio.run(retain(clear=True))

@@ -12,6 +12,8 @@ a Content-Security-Policy violation or an uncaught script error.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import re
 import threading
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from appliance.bus import registry
@@ -232,7 +235,7 @@ def test_login_with_password_and_totp(box: PanelBox, browser: Browser) -> None:
     page.wait_for_url(re.compile(r"/login"))  # not logged in: sent to the login
     person = box.people[Role.ADMIN]
     log_in(tab, box, person, shots=True, try_wrong=True)
-    expect(page.locator("nav.tabs a")).to_have_text(["Dashboard", "Trading", "Ledger", "Account"])
+    expect(page.locator("nav.tabs a")).to_have_text(["Dashboard", "Home", "Trading", "Logs", "More"])
     expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("Dashboard")
     assert page.viewport_size == {"width": 390, "height": 844}
     assert page.evaluate("document.documentElement.scrollWidth") <= 390, \
@@ -373,9 +376,13 @@ def test_halt_from_the_phone_shows_on_dashboard(box: PanelBox, browser: Browser)
 
 
 def test_ledger_verify(admin_tab: Tab) -> None:
-    """The ledger lists its chains; "Verify now" says each is intact."""
+    """The ledger, reached through "More", lists its chains; "Verify now" says each is
+    intact."""
     page = admin_tab.page
-    admin_tab.goto("/ledger")
+    admin_tab.goto("/more")
+    expect(page.locator("ul.links a")).to_have_count(5)  # the admin also sees trading settings
+    admin_tab.shot("more")
+    page.click("ul.links a[href='/ledger']")
     expect(page.locator("h1")).to_have_text("Ledger")
     expect(page.locator("table tbody tr").first).to_be_visible()
     admin_tab.shot("ledger")
@@ -393,7 +400,7 @@ def test_account_page(box: PanelBox, admin_tab: Tab) -> None:
     expect(page.locator("h1")).to_have_text(box.people[Role.ADMIN].name)
     expect(page.locator("main")).to_contain_text("Role: admin")
     expect(page.locator("main")).to_contain_text("Enrolled.")
-    expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("Account")
+    expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("More")
     admin_tab.shot("account")
 
 
@@ -413,3 +420,350 @@ def test_csp_violations_are_caught(box: PanelBox, browser: Browser) -> None:
         tab.check_clean("after an inline script")
     assert any(w in e.lower() for e in tab.errors for w in CSP_WORDS), tab.errors
     tab.context.close()
+
+
+def test_the_installed_app_says_when_the_box_is_unreachable(box: PanelBox, admin_tab: Tab) -> None:
+    """After a logged-in page load the service worker controls the page. Offline, a page of
+    the panel is the offline page (kept by the worker), which loads the page again by itself
+    once the box answers."""
+    page = admin_tab.page
+    admin_tab.goto("/")
+    page.wait_for_function("() => navigator.serviceWorker.controller !== null")
+    assert page.evaluate("navigator.serviceWorker.controller.scriptURL") == box.base + "/sw.js"
+    assert page.evaluate("document.querySelector('link[rel=manifest]').href") \
+        == box.base + "/manifest.webmanifest"
+    admin_tab.context.set_offline(True)
+    try:
+        page.goto(box.base + "/")
+        expect(page.locator("#offline-message")).to_contain_text(
+            "The box is unreachable right now")
+        assert page.url == box.base + "/"  # the address is still the page that was wanted
+        expect(page.locator("#offline img")).to_have_js_property("naturalWidth", 192)
+        admin_tab.shot("offline")
+    finally:
+        admin_tab.context.set_offline(False)
+    expect(page.locator("#live-dashboard")).to_be_visible(timeout=LIVE_S * 1000)
+
+
+def _node_reported(broker: TestBroker, device: str, readings: list[tuple[float, float]]) -> None:
+    """An ESP32 node's temperature readings (time, °C) on the bus, oldest first; not retained,
+    so nothing outlives the test."""
+    from datetime import UTC, datetime
+
+    from appliance.bus.payloads import HomeState
+
+    topic = str(registry.HOME_STATE.topic(device=device, entity="temperature"))
+
+    async def publish() -> None:
+        bus = broker.bus()
+        await bus.connect()
+        try:
+            for ts, value in readings:
+                state = HomeState(value=value, unit="°C",
+                                  ts=datetime.fromtimestamp(ts, UTC).isoformat())
+                await bus.publish(topic, state.model_dump_json().encode(), wait=True)
+        finally:
+            await bus.close()
+
+    in_thread(publish())
+
+
+def test_a_relay_switched_on_the_home_page_shows_the_state_it_reported(
+        box: PanelBox, broker: TestBroker, admin_tab: Tab) -> None:
+    """The demo relay (a simulated pin of the home-sensors service) switched from the home
+    page: the page shows the new state once the service reports it, without a reload. An
+    ESP32 node's readings of the last day show as its chart, in the room "Other"."""
+    page = admin_tab.page
+    now = time.time()
+    # Every 15 minutes for a day: 14 °C now, 18 °C at the warmest, 10 °C at the coldest.
+    day = [(now - k * 900, round(14 + 4 * math.sin(math.pi * k / 48), 1))
+           for k in range(95, -1, -1)]
+    _node_reported(broker, "shed", day)
+    history = f"{box.base}/api/v1/home/shed/temperature/history"
+    deadline = time.monotonic() + LIVE_S
+    while len(page.request.get(history).json()["points"]) < 90:  # kept by home-sensors
+        assert time.monotonic() < deadline, "the node's readings are not in the history"
+        time.sleep(0.2)
+    admin_tab.goto("/home")
+    shed = page.locator("li[data-entity='shed/temperature']")
+    expect(shed).to_contain_text("shed · temperature")
+    expect(shed).to_contain_text("14 °C")
+    expect(shed.locator("svg.spark polyline")).to_have_count(1)
+    expect(shed.locator("svg.spark")).to_contain_text("18 °C")  # the day's highest
+    expect(shed.locator("svg.spark")).to_contain_text("10 °C")  # and lowest
+    expect(page.locator("section.card", has=shed).locator("h2")).to_have_text("Other")
+    expect(page.locator("h1")).to_have_text("Home")
+    relay = page.locator("li[data-entity='hall-light/switch']")
+    expect(relay).to_contain_text("Hall light")
+    value = relay.locator(".value")
+    expect(value).to_have_text(re.compile(r"^(On|Off)$"), timeout=LIVE_S * 1000)
+    before = value.inner_text()
+    wanted = "Off" if before == "On" else "On"
+    with page.expect_navigation():
+        relay.locator("form.switch button").click()
+    expect(page.locator("p.flash")).to_contain_text("Sent")
+    page.evaluate("window.__same_page = true")  # gone if the page were loaded again
+    expect(page.locator("li[data-entity='hall-light/switch'] .value")).to_have_text(
+        wanted, timeout=LIVE_S * 1000)
+    button = page.locator("li[data-entity='hall-light/switch'] form.switch button")
+    expect(button).to_have_text("Turn off" if wanted == "On" else "Turn on")
+    assert page.evaluate("window.__same_page === true"), "the page was loaded again"
+    expect(page.locator("li[data-entity='garden-light/level'] svg.spark")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, \
+        "the home page is wider than the phone"
+    admin_tab.shot("home")
+    # The switch as the live stream rendered it again works too (it carries the CSRF token).
+    with page.expect_navigation():
+        button.click()
+    expect(page.locator("p.flash")).to_contain_text("Sent")
+    expect(page.locator("li[data-entity='hall-light/switch'] .value")).to_have_text(
+        before, timeout=LIVE_S * 1000)
+
+
+def test_an_esp32_node_added_on_the_phone_gets_its_config_as_a_qr_code(admin_tab: Tab) -> None:
+    """Devices: add an ESP32 node (its password and config.json shown once, the file as a
+    QR code), then remove it through the confirm page."""
+    page = admin_tab.page
+    admin_tab.goto("/devices")
+    expect(page.locator("h1")).to_have_text("Devices")
+    name = f"porch-{uuid.uuid4().hex[:6]}"
+    page.fill("input[name=name]", name)
+    page.select_option("select[name=kind]", "esp32")
+    with page.expect_navigation():
+        page.click("#add-device")
+    expect(page.locator("#device-added h1")).to_have_text(f"{name} added")
+    expect(page.locator("#device-qr svg")).to_be_visible()
+    box = page.locator("#device-qr svg").bounding_box()
+    assert box and 200 <= box["width"] <= 390 and abs(box["width"] - box["height"]) < 1, box
+    password = page.locator("#device-password").inner_text()
+    assert len(password) >= 24 and password in page.locator("#device-config").inner_text()
+    expect(page.locator(f"li[data-device='{name}']")).to_contain_text("ESP32 node")
+    admin_tab.shot("device-added")
+
+    admin_tab.goto("/devices")
+    assert password not in page.content()
+    admin_tab.shot("devices")
+    page.click(f"li[data-device='{name}'] a.danger")
+    expect(page.locator("h1")).to_have_text(f"Remove {name}?")
+    with page.expect_navigation():
+        page.click("#confirm-remove")
+    expect(page.locator("p.flash")).to_contain_text(f"Device {name} (ESP32 node) removed")
+    expect(page.locator(f"li[data-device='{name}']")).to_have_count(0)
+
+
+def _api(tab: Tab, path: str, body: dict[str, Any]) -> Any:
+    """A POST to the API with the phone's own session (its cookie and CSRF token), as a
+    script on the page would; its answer."""
+    csrf = tab.page.locator("input[name=csrf]").first.get_attribute("value")
+    assert csrf
+    answer = tab.page.request.post(f"{tab.base}/api/v1/{path}", data=body,
+                                   headers={"x-csrf-token": csrf})
+    assert answer.ok, answer.text()
+    return answer.json()
+
+
+def _trading_api(tab: Tab, action: str, body: dict[str, Any]) -> None:
+    """Halt or resume, as the phone's session."""
+    _api(tab, f"trading/{action}", body)
+
+
+def _logs_until(tab: Tab, path: str, selector: str, text: str) -> None:
+    """`path` until it lists `selector` with `text`: a service writes its line a moment
+    after it handled what the page asked."""
+    deadline = time.monotonic() + LIVE_S
+    while True:
+        tab.goto(path)
+        if tab.page.locator(selector, has_text=text).count():
+            return
+        assert time.monotonic() < deadline, f"{path} never listed {text!r}"
+        time.sleep(0.2)
+
+
+def test_logs_follow_a_request_across_services(admin_tab: Tab) -> None:
+    """A halt asked from the phone is in the risk service's lines on the Logs page; its
+    request id leads to every line of that request, across services: the risk service's
+    and the execution service's, which obeyed the halt. The level filter keeps the
+    execution's warning. "Live" then adds a new line to the top without a reload."""
+    page = admin_tab.page
+    admin_tab.goto("/logs")
+    expect(page.locator("h1")).to_have_text("Logs")
+    _trading_api(admin_tab, "resume", {"force": True})
+    reason = f"browser logs {uuid.uuid4().hex[:8]}"
+    _trading_api(admin_tab, "halt", {"reason": reason})
+    try:
+        _logs_until(admin_tab, "/logs?service=risk", "ol.logs li", reason)
+        expect(page.locator("select[name=service]")).to_have_value("risk")
+        halted = page.locator("ol.logs li", has_text=reason).first
+        expect(halted).to_contain_text("trading halted")
+        with page.expect_navigation():
+            halted.locator("a.rid").click()
+        request_id = page.url.split("request_id=", 1)[1]
+        expect(page.locator("input[name=request_id]")).to_have_value(request_id)
+        _logs_until(admin_tab, f"/logs?request_id={request_id}", "ol.logs .svc", "execution")
+        services = set(page.locator("ol.logs .svc").all_inner_texts())
+        assert services == {"risk", "execution"}, services
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, \
+            "the logs page is wider than the phone"
+        admin_tab.shot("logs-request")
+
+        page.select_option("select[name=level]", "WARN")
+        with page.expect_navigation():
+            page.click("form.filters button[type=submit]")
+        expect(page.locator("ol.logs .svc")).to_have_text(["execution"])
+        expect(page.locator("ol.logs .lvl")).to_have_text(["WARN"])
+        expect(page.locator("ol.logs li").first).to_contain_text("trading halted")
+        admin_tab.shot("logs")
+
+        admin_tab.goto("/logs?service=risk")
+        page.evaluate("window.__same_page = true")  # gone if the page were loaded again
+        page.click("#live-toggle")
+        expect(page.locator("#live-toggle")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#log-lines[data-following]")).to_have_count(1)
+    finally:
+        _trading_api(admin_tab, "resume", {"force": True})
+    newest = page.locator("ol.logs li").first
+    expect(newest).to_contain_text("trading resumed", timeout=LIVE_S * 1000)
+    expect(newest.locator(".svc")).to_have_text("risk")
+    assert page.evaluate("window.__same_page === true"), "the page was loaded again"
+    admin_tab.shot("logs-live")
+
+
+def test_logs_follow_a_trade_event_to_the_ledger(admin_tab: Tab) -> None:
+    """A trade event sent to the panel's ingest API (as an expert advisor's script does) is
+    on the Logs page among the panel's lines; its request id leads to the trade logger's
+    line that stored it, with the event's id and its place in the ledger."""
+    from appliance.simulate import simulated_trades
+
+    page = admin_tab.page
+    admin_tab.goto("/logs")
+    account = f"browser-{uuid.uuid4().hex[:6]}"
+    key = _api(admin_tab, "ledger/keys", {"account": account})["key"]
+    event = json.loads(next(iter(simulated_trades(1, account, seed=9))).model_dump_json())
+    sent = httpx.post(f"{admin_tab.base}/api/v1/trade_events", json=event,  # not the phone
+                      headers={"authorization": f"Bearer {key}"})
+    assert sent.status_code == 200, sent.text
+    request_id = sent.headers["x-request-id"]
+    _logs_until(admin_tab, "/logs?service=panel", f"ol.logs li a.rid[href$='{request_id}']",
+                "")
+    received = page.locator("ol.logs li", has=page.locator(f"a.rid[href$='{request_id}']"))
+    expect(received.first).to_contain_text("trade events received")
+    with page.expect_navigation():
+        received.first.locator("a.rid").click()
+    _logs_until(admin_tab, f"/logs?request_id={request_id}", "ol.logs .svc", "trade-logger")
+    stored = page.locator("ol.logs li", has_text="trade event stored")
+    expect(stored).to_contain_text(event["event_id"])
+    assert set(page.locator("ol.logs .svc").all_inner_texts()) == {"panel", "trade-logger"}
+    admin_tab.shot("logs-trade-event")
+
+
+# -- the account's authenticator and sessions, the trading settings, halt and flatten -----------
+def test_enrol_totp_on_the_phone_then_log_in_with_it(box: PanelBox, browser: Browser) -> None:
+    """Someone new to the box logs in with the password, sets up an authenticator app on the
+    account page (the key read off the page, the code computed by pyotp), gets ten backup
+    codes, logs out, and logs in again with the password and a code; the account page then
+    lists the session as this one."""
+    import pyotp
+
+    name = f"tess{uuid.uuid4().hex[:4]}"
+    box.users.add(name, PASSWORD, Role.VIEWER, actor="cli:test")
+    tab = open_tab(browser, box)
+    page = tab.page
+    tab.goto("/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form[action='/login'] button[type=submit]")
+    page.wait_for_url(box.base + "/")
+    tab.goto("/account")
+    expect(page.locator("main")).to_contain_text("Not set up.")
+    page.click("#enrol")
+    expect(page.locator(".qr svg")).to_be_visible()
+    secret = page.locator("#totp-secret").inner_text().strip()
+    tab.shot("account-totp-enrol")
+    person = Person(name, Role.VIEWER, totp=pyotp.TOTP(secret))
+    page.fill("form[action='/account/totp/confirm'] input[name=code]", box.code(person))
+    page.click("form[action='/account/totp/confirm'] button[type=submit]")
+    expect(page.locator("#backup-codes li")).to_have_count(10)
+    page.click("header form.logout button[type=submit]")
+    page.wait_for_url(re.compile(r"/login"))
+
+    log_in(tab, box, person)  # password, then a code of the app just set up
+    tab.goto("/account")
+    expect(page.locator("main")).to_contain_text("Enrolled.")
+    expect(page.locator("main")).to_contain_text("10 of 10 left")
+    sessions = page.locator("#sessions li")
+    expect(sessions).to_have_count(1)  # the first one ended at the logout
+    expect(sessions).to_contain_text("this one")
+    expect(sessions).to_contain_text("Chrome")
+    page.locator("#sessions").scroll_into_view_if_needed()
+    tab.shot("account-sessions")
+    tab.close()
+
+
+def _execution_mode(broker: TestBroker) -> str:
+    async def ask() -> Any:
+        bus = broker.bus()
+        await bus.connect()
+        try:
+            return await bus.request("execution", "positions", {}, timeout=10)
+        finally:
+            await bus.close()
+
+    reply = in_thread(ask())
+    assert reply.ok, reply.error
+    return str(reply.result["mode"])
+
+
+def test_going_live_without_the_code_is_refused(box: PanelBox, broker: TestBroker,
+                                                admin_tab: Tab) -> None:
+    """The trading settings warn before going live; the switch sent without the
+    authenticator code (the browser's own check taken away) is refused by the box, the page
+    says so, and the account stays on paper."""
+    from tests.panel_box import ACCOUNT
+
+    page = admin_tab.page
+    admin_tab.goto("/trading/settings")
+    expect(page.locator("h1")).to_have_text("Trading settings")
+    card = page.locator(f"#account-{ACCOUNT}")
+    expect(card.locator("dd.mode")).to_have_text("paper")
+    expect(card.locator("p.flash.warn").first).to_contain_text("real orders with real money")
+    expect(card.locator("details.keys input[name=secret]")).to_have_attribute("type", "password")
+    expect(card.locator("details.keys input[name=api_key]")).to_have_attribute(
+        "autocomplete", "off")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, \
+        "the trading settings are wider than the phone"
+    admin_tab.shot("trading-settings")
+
+    card.locator("form.mode input[name=code]").evaluate("input => input.removeAttribute('required')")
+    with page.expect_navigation():
+        card.locator("#go-live").click()
+    expect(page.locator("#mode-error")).to_contain_text("type the code")
+    expect(page.locator(f"#account-{ACCOUNT} dd.mode")).to_have_text("paper")
+    admin_tab.shot("trading-settings-refused")
+    assert _execution_mode(broker) == "paper"
+
+
+def test_halt_and_flatten_asks_first(box: PanelBox, admin_tab: Tab) -> None:
+    """"Halt and flatten" on the trading page leads to a confirmation with a warning and a
+    reason; confirmed, the page shows what the risk service answered. Resumed afterwards."""
+    page = admin_tab.page
+    _resume_if_halted(admin_tab)
+    _trading_until(admin_tab, "#halt")
+    expect(page.locator("#positions h2")).to_have_text("Positions and open orders")
+    page.click("#flatten")
+    page.wait_for_url(re.compile(r"/trading/flatten$"))
+    expect(page.locator("h1")).to_have_text("Halt and flatten?")
+    expect(page.locator("p.flash.warn")).to_contain_text("market orders")
+    reason = f"browser flatten {uuid.uuid4().hex[:6]}"
+    page.fill("input[name=reason]", reason)
+    admin_tab.shot("flatten-confirm")
+    try:
+        with page.expect_navigation():
+            page.click("#confirm-flatten")
+        page.wait_for_url(re.compile(r"/trading(\?.*)?$"))
+        flash = page.locator("p.flash")
+        expect(flash).to_contain_text("halted and flattened")
+        expect(flash).to_contain_text(reason)
+    finally:
+        _trading_until(admin_tab, "#resume")
+        _resume_if_halted(admin_tab)
+        _trading_until(admin_tab, "#halt")

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import time
 import uuid
 from collections import deque
@@ -27,6 +28,12 @@ from appliance.logging import request_id as current_request_id
 
 log = logging.getLogger("circles.bus")
 ONLINE, OFFLINE = "online", "offline"
+
+
+# A request id taken from outside (a client's `X-Request-ID`, a logs filter): what the
+# services make (32 hex digits) and what clients commonly send (a uuid, `ea-<hex>`), short
+# enough for a log line and free of anything a header, a URL or the journal would mangle.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,64}")
 
 
 def new_request_id() -> str:

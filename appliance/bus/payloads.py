@@ -13,6 +13,15 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def epoch(ts: str | None) -> float | None:
+    """An ISO 8601 time (a payload's `ts`; `Z` too) in epoch seconds; None for none or one
+    that is no time."""
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else None
+    except ValueError:
+        return None
+
+
 class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -14,12 +14,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.panel.auth import PanelMiddleware, csrf_protect, login_of
 from appliance.panel.deps import Panel
+from appliance.panel.metrics import RequestMetrics
 from appliance.panel.pages import render
-from appliance.panel.routes import account, dashboard, docs, ledger, login, trades, trading, trust
+from appliance.panel.routes import (
+    account,
+    app_shell,
+    dashboard,
+    devices,
+    docs,
+    home,
+    ledger,
+    login,
+    logs,
+    prometheus,
+    trades,
+    trading,
+    trust,
+)
 
 STATIC = Path(__file__).with_name("static")
 ROUTERS = (login.router, dashboard.api, dashboard.pages, trading.api, trading.pages, ledger.api,
-           ledger.pages, account.api, account.pages, trades.router, docs.router, trust.router)
+           ledger.pages, account.api, account.pages, trades.router, docs.router, trust.router,
+           app_shell.router, prometheus.router, home.api, home.pages, devices.api, devices.pages,
+           logs.api, logs.pages)
 
 
 class CachedStatic(StaticFiles):
@@ -41,6 +58,8 @@ def create_app(panel: Panel) -> FastAPI:
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(PanelMiddleware, logins=panel.logins, tls=panel.tls)
+    app.add_middleware(RequestMetrics, metrics=panel.metrics)  # outermost: it times it all
+    panel.metrics.follow(panel.view)
     return app
 
 

@@ -4,7 +4,10 @@
 each request, from the session cookie or an `Authorization: Bearer ct_…` token, puts it on
 `request.state.login` and, unless the session is restricted to one first step, its
 Principal on `request.state.principal` (which `RequirePermission` reads); and it adds the
-security headers to every response.
+security headers to every response. Every request gets a request id (the client's
+`X-Request-ID` when it is a usable one: 8 to 64 letters, digits, `.`, `_`, `:` or `-`;
+else a new one), set for its log lines and the bus messages it leads to, and echoed in the
+answer's `X-Request-ID`: the logs page follows it across services.
 
 CSRF: a request that changes state and rides on the session cookie must carry the token of
 that session (the form field `csrf` or the header `X-CSRF-Token`); bearer tokens are not
@@ -19,8 +22,11 @@ import ipaddress
 import secrets
 
 from fastapi import HTTPException, Request, status
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.bus.base import REQUEST_ID, new_request_id
+from appliance.logging import request_id
 from appliance.panel.sessions import TOKEN_PREFIX, Login, Logins, csrf_for
 
 SESSION_COOKIE = "circles_session"
@@ -40,18 +46,27 @@ HEADERS = [
 HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
+def client_address(request: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of the connection's client, an IPv4 one as such also when a dual-stack
+    socket reports it IPv4-mapped (`::ffff:192.0.2.7`); None when it is no address."""
+    try:
+        address = ipaddress.ip_address(request.client.host if request.client else "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def client_source(request: Request) -> str:
     """The client's address as the lockout counts it: an IPv6 address by its /64 (one home
     gets a whole /64, and may pick any address in it)."""
-    host = request.client.host if request.client else "unknown"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host[:64]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+    address = client_address(request)
+    if address is None:
+        return (request.client.host if request.client else "unknown")[:64]
+    if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) \
-        else str(address)
+    return str(address)
 
 
 class PanelMiddleware:
@@ -63,22 +78,28 @@ class PanelMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        login = await self._login(Request(scope))
-        state = scope.setdefault("state", {})
-        state["login"] = login
-        state["principal"] = login.principal if login and not login.restricted else None
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if REQUEST_ID.fullmatch(given) else new_request_id()
+        token = request_id.set(rid)
+        try:
+            login = await self._login(Request(scope))
+            state = scope.setdefault("state", {})
+            state["login"] = login
+            state["principal"] = login.principal if login and not login.restricted else None
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", [])
-                           if k.lower() != b"server"]
-                headers += self.headers
-                if not any(k.lower() == b"cache-control" for k, _ in headers):
-                    headers.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": headers}
-            await send(message)
+            async def send_with_headers(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = [(k, v) for k, v in message.get("headers", [])
+                               if k.lower() != b"server"]
+                    headers += [*self.headers, (b"x-request-id", rid.encode())]
+                    if not any(k.lower() == b"cache-control" for k, _ in headers):
+                        headers.append((b"cache-control", b"no-store"))
+                    message = {**message, "headers": headers}
+                await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            request_id.reset(token)
 
     async def _login(self, request: Request) -> Login | None:
         authorization = request.headers.get("authorization", "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
@@ -12,6 +12,7 @@ from appliance.bus.base import Bus
 from appliance.errors import TemporaryError
 from appliance.ledger import Ledger
 from appliance.panel import api_keys
+from appliance.panel.metrics import PanelMetrics
 from appliance.panel.sessions import Login, Logins
 from appliance.panel.view import BoxView
 from appliance.security.audit import AuditLog
@@ -20,7 +21,10 @@ from appliance.security.users import Users
 from appliance.trade_sender import TradeSender
 
 if TYPE_CHECKING:
-    from appliance.panel.routes.trust import CaCert
+    from appliance.panel.devices import DeviceAdmin
+    from appliance.panel.logs import LogSource
+    from appliance.panel.trust import CaCert
+    from appliance.security.secrets import SecretStore
 
 
 @dataclass
@@ -36,6 +40,10 @@ class Panel:
     tls: bool = False
     require_totp: bool = True
     ca: CaCert | None = None  # the box's root certificate, offered at /ca.crt
+    metrics: PanelMetrics = field(default_factory=PanelMetrics)  # GET /metrics
+    devices: DeviceAdmin | None = None  # devices in the broker (None: not managed here)
+    secrets: SecretStore | None = None  # exchange API keys (None: not stored from here)
+    logs: LogSource | None = None  # the services' log lines (None: not read here)
 
     @property
     def engine(self) -> Engine:
@@ -90,6 +98,9 @@ TimeoutDep = Annotated[float, Depends(_timeout)]
 Viewer = Annotated[Principal, Depends(RequirePermission(Permission.VIEW))]
 TradingControl = Annotated[Principal, Depends(RequirePermission(Permission.TRADING_CONTROL))]
 KeysManager = Annotated[Principal, Depends(RequirePermission(Permission.KEYS_MANAGE))]
+DevicesOperate = Annotated[Principal, Depends(RequirePermission(Permission.DEVICES_OPERATE))]
+DevicesManager = Annotated[Principal, Depends(RequirePermission(Permission.DEVICES_MANAGE))]
+SecretsManager = Annotated[Principal, Depends(RequirePermission(Permission.SECRETS_MANAGE))]
 
 
 async def _login(request: Request) -> Login:

@@ -14,14 +14,31 @@ from fastapi.templating import Jinja2Templates
 from appliance.panel.auth import login_of
 from appliance.panel.charts import money
 from appliance.panel.sessions import csrf_for
+from appliance.security.permissions import Permission
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["money"] = money
 templates.env.filters["when"] = lambda ts: (ts or "")[:19].replace("T", " ")
 FLASH_COOKIE = "circles_flash"
-NAV = [("/", "Dashboard"), ("/trading", "Trading"), ("/ledger", "Ledger"),
-       ("/account", "Account")]
+# The tab bar: five tabs fit a phone; each is current on the pages it lists.
+NAV = [("/", "Dashboard", ("/",)), ("/home", "Home", ("/home",)),
+       ("/trading", "Trading", ("/trading",)), ("/logs", "Logs", ("/logs",)),
+       ("/more", "More", ("/more", "/devices", "/ledger", "/account", "/api/docs"))]
+# What "More" lists: (path, label, what it is for, the permission it needs or None).
+MORE = [("/devices", "Devices", "ESP32 nodes, MT5 expert advisors: add, remove, online", None),
+        ("/ledger", "Ledger", "the hash-chained journal: verify, export, ingest keys", None),
+        ("/trading/settings", "Trading settings", "exchange keys, paper or live",
+         Permission.SECRETS_MANAGE),
+        ("/account", "Account", "password, authenticator, sessions, API tokens", None),
+        ("/api/docs", "API", "the JSON API for scripts", None)]
+
+
+def current_tab(path: str) -> str:
+    """The tab whose pages include `path` (the longest match)."""
+    matches = [(len(prefix), href) for href, _, prefixes in NAV for prefix in prefixes
+               if path == prefix or (prefix != "/" and path.startswith(prefix + "/"))]
+    return max(matches, default=(0, ""))[1]
 
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
@@ -30,7 +47,8 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     response = templates.TemplateResponse(request, name, {
         "login": login, "user": getattr(request.state, "principal", None),
         "csrf": csrf_for(login.secret) if login and login.session_id else "",
-        "nav": NAV, "path": request.url.path, "flash": flash, **context},
+        "nav": NAV, "tab": current_tab(request.url.path), "path": request.url.path,
+        "flash": flash, **context},
         status_code=status_code)
     if flash:
         response.delete_cookie(FLASH_COOKIE, path="/")

@@ -10,22 +10,29 @@ import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from pydantic import Field, ValidationInfo, field_validator
 
+from appliance import services
 from appliance.bus import registry
+from appliance.bus.base import Bus
 from appliance.bus.message import Received
-from appliance.config import Section
+from appliance.config import CoreSettings, Section
 from appliance.errors import ConfigError, OperationalError
 from appliance.panel.app import create_app
 from appliance.panel.deps import Panel
-from appliance.panel.routes.trust import CaCert
+from appliance.panel.devices import DeviceAdmin
+from appliance.panel.home import keep_charts
+from appliance.panel.logs import open_source
+from appliance.panel.metrics import PanelMetrics
 from appliance.panel.sessions import Logins
+from appliance.panel.trust import CaCert
 from appliance.panel.view import BoxView
 from appliance.runtime import Service, subscribe
 from appliance.security.crypto import Keyring
+from appliance.security.secrets import SecretStore
 from appliance.security.users import Users
 from appliance.trade_sender import TradeSender
 
@@ -45,6 +52,17 @@ class PanelSettings(Section):
     session_hours: float = Field(7 * 24, gt=0, le=90 * 24, description="a login lasts at most")
     idle_hours: float = Field(24, gt=0, description="a login ends after this long unused")
     require_totp: bool = Field(True, description="admins and operators enrol TOTP first")
+    logs: Literal["auto", "journal", "files"] = Field(
+        "auto", description="where the Logs page reads: auto is the journal under systemd, "
+                            "else the JSON lines files of logs_dir")
+    logs_dir: Path | None = Field(
+        None, description="the services' <service>.jsonl files (default <state_dir>/logs)")
+    device_host: str | None = Field(
+        None, description="the broker address a device added on the panel is given "
+                          "(default: this box's LAN address)")
+    device_port: int | None = Field(
+        None, ge=1, le=65535, description="the broker port a device added on the panel is "
+                                          "given (default 1883, or 8883 when bus.tls)")
 
     @field_validator("tls_key")
     @classmethod
@@ -64,6 +82,14 @@ class PanelService(Service):
     name = "panel"
     Settings = PanelSettings
 
+    def __init__(self, settings: CoreSettings, bus: Bus) -> None:
+        super().__init__(settings, bus)
+        self.metrics = PanelMetrics()
+        # Every subscription's messages are counted (circles_bus_messages_total): each
+        # handler is wrapped here, before the runner takes them.
+        for spec, _, batch, attr in self._handlers:
+            setattr(self, attr, self.metrics.counting(getattr(self, attr), spec.name, batch=batch))
+
     async def start(self) -> None:
         config: PanelSettings = self.config
         for key in ("tls_cert", "tls_key", "ca_cert"):
@@ -80,7 +106,17 @@ class PanelService(Service):
             logins=Logins(users.engine, max_age=timedelta(hours=config.session_hours),
                           idle=timedelta(hours=config.idle_hours)),
             request_timeout_s=config.request_timeout_s, tls=config.tls_cert is not None,
-            require_totp=config.require_totp, ca=ca)
+            require_totp=config.require_totp, ca=ca, metrics=self.metrics)
+        # Exchange API keys go to the box's secret store; every write given an actor is
+        # audit-logged (a device's password is not: adding the device is).
+        store = SecretStore(self.settings.state_dir, keyring, users.audit)
+        self.panel.secrets = store
+        self.panel.logs = open_source(config.logs, config.logs_dir or
+                                      self.settings.state_dir / "logs", config.request_timeout_s)
+        # Devices in the broker: a broker-admin connection opened for each change.
+        self.panel.devices = DeviceAdmin(
+            self.settings.bus, self.settings.state_dir, store, users.audit,
+            frozenset(services.names()), config.device_host, config.device_port)
         self.app = create_app(self.panel)
 
     @subscribe(registry.TRADE_ACK)
@@ -107,6 +143,33 @@ class PanelService(Service):
     async def on_metrics(self, msg: Received) -> None:
         await self.view.set_metrics(msg.params["account"], _plain(msg.data))
 
+    @subscribe(registry.POSITIONS)
+    async def on_positions(self, msg: Received) -> None:
+        await self.view.set_account_state("positions", msg.params["account"], _plain(msg.data))
+
+    @subscribe(registry.OPEN_ORDERS)
+    async def on_orders(self, msg: Received) -> None:
+        await self.view.set_account_state("orders", msg.params["account"], _plain(msg.data))
+
+    @subscribe(registry.HOME_STATE)
+    async def on_home_state(self, msg: Received) -> None:
+        await self.view.set_home_state(msg.params["device"], msg.params["entity"],
+                                       _plain(msg.data), live=not msg.message.retain)
+
+    @subscribe(registry.HOME_STATUS)
+    async def on_home_status(self, msg: Received) -> None:
+        await self.view.set_device_status("home", msg.params["device"], msg.data,
+                                          msg.message.sent_at)
+
+    @subscribe(registry.MT5_STATUS)
+    async def on_mt5_status(self, msg: Received) -> None:
+        await self.view.set_device_status("mt5", msg.params["account"], msg.data,
+                                          msg.message.sent_at)
+
+    @subscribe(registry.MT5_HEARTBEAT)
+    async def on_mt5_heartbeat(self, msg: Received) -> None:
+        await self.view.heartbeat(msg.params["account"])
+
     async def run(self) -> None:
         config: PanelSettings = self.config
         proxies = config.trusted_proxies
@@ -118,6 +181,7 @@ class PanelService(Service):
             timeout_graceful_shutdown=1))
         log.info(f"the panel: {self.address()}", extra={"address": self.address()})
         serving = asyncio.ensure_future(server.serve())
+        charts = asyncio.create_task(keep_charts(self.panel))  # the live home page's
         try:
             await asyncio.shield(serving)
         except SystemExit:  # uvicorn's way of saying it could not listen
@@ -127,6 +191,8 @@ class PanelService(Service):
             server.should_exit = True
             await asyncio.wait({serving}, timeout=1.5)
             raise
+        finally:
+            charts.cancel()
 
     async def stop(self) -> None:
         self.panel.engine.dispose()

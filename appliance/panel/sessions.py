@@ -2,9 +2,10 @@
 
 Both are 256 random bits given to the client once; the database keeps their SHA-256 only.
 A session lasts `max_age` from its login and ends earlier after `idle` without a request,
-at logout, or when revoked. A token has a scope, a role that is at most its owner's: a
-token acts with the lesser of its scope and its owner's role of the moment, so demoting
-or removing a person reaches their scripts too.
+at logout, or when revoked (its owner sees their sessions and may end any of them). A
+token has a scope, a role that is at most its owner's: a token acts with the lesser of its
+scope and its owner's role of the moment, so demoting or removing a person reaches their
+scripts too.
 
 Lookups are cached for a few seconds (the panel answers many requests a second from a
 phone's live page); `revoke` in this process clears the cache at once.
@@ -72,6 +73,19 @@ class Login:
     restricted: str | None = None
     second_factor: str | None = None
     secret: str = field(default="", repr=False)  # the cookie (the CSRF token's source) or token
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A live session as its owner sees it in their list (never its cookie)."""
+
+    id: int
+    created_at: str
+    last_seen_at: str
+    expires_at: str
+    source: str
+    user_agent: str
+    second_factor: str | None
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,29 @@ class Logins:
                                                 sessions.c.revoked_at.is_(None))
                          .values(revoked_at=iso(self.clock())))
         self._cache.clear()
+
+    def sessions_of(self, username: str) -> list[SessionInfo]:
+        """`username`'s live sessions (not logged out, revoked, expired or idle too long),
+        the most recently used first."""
+        now = self.clock()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(sessions).where(
+                sessions.c.user_id == _user_id(username), sessions.c.revoked_at.is_(None),
+                sessions.c.expires_at > iso(now),
+                sessions.c.last_seen_at > iso(now - self.idle))
+                .order_by(sessions.c.last_seen_at.desc(), sessions.c.id.desc()))
+            return [SessionInfo(r.id, r.created_at, r.last_seen_at, r.expires_at, r.source or "",
+                                r.user_agent or "", r.second_factor) for r in rows]
+
+    def close_own(self, username: str, session_id: int) -> bool:
+        """End one of `username`'s own sessions now (any other person's is out of reach);
+        False if there is no such live session."""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(sessions).where(
+                sessions.c.id == session_id, sessions.c.user_id == _user_id(username),
+                sessions.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
+        self._cache.clear()
+        return bool(done.rowcount)
 
     # -- API tokens -------------------------------------------------------------------------
     def create_token(self, principal: Principal, label: str, scope: Role) -> tuple[TokenInfo, str]:

@@ -35,6 +35,8 @@ PASSWORD_RESET = "password.reset"
 TOTP_ENROL = "totp.enrol"
 TOTP_RESET = "totp.reset"
 BACKUP_CODE_USED = "totp.backup_code"
+BACKUP_CODES_RENEW = "totp.backup_codes"  # all backup codes replaced by new ones
+SESSION_REVOKE = "session.revoke"  # a person ended one of their panel sessions
 KEY_ROTATE = "keys.rotate"
 KEY_REENCRYPT = "keys.reencrypt"
 SECRET_READ = "secret.read"
@@ -47,9 +49,11 @@ TOKEN_REVOKE = "token.revoke"
 LEDGER_EXPORT = "ledger.export"
 DEVICE_ADD = "device.add"
 DEVICE_REMOVE = "device.remove"
+DEVICE_SWITCH = "device.switch"  # a command sent to a home entity (a relay, a dimmer)
 TRADING_HALT = "trading.halt"
 TRADING_RESUME = "trading.resume"
 TRADING_FLATTEN = "trading.flatten"
+TRADING_MODE = "trading.mode"  # an account switched between paper and live
 ARCHIVE = "audit.archive"
 
 

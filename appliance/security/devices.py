@@ -8,6 +8,7 @@ once, and kept in the secret store as `mqtt-<name>`, like a service's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -64,7 +65,8 @@ def check_name(name: str, reserved: set[str]) -> None:
 
 class Devices:
     """Add, remove and list devices through the broker-admin client; every change is
-    audit-logged as `actor`."""
+    audit-logged as `actor`. The secret store and the audit log are files and a database:
+    they are written in a thread, off the event loop (the panel's, or `asyncio.run`'s)."""
 
     def __init__(self, admin: BrokerAdmin, store: SecretStore, audit: AuditLog | None,
                  *, reserved: set[str]) -> None:
@@ -79,10 +81,11 @@ class Devices:
         password = secrets.token_urlsafe(24)
         # Kept before the broker knows it: a crash in between leaves a spare secret, never a
         # device whose password nobody has.
-        self.store.set(client_secret(name), password)
+        await asyncio.to_thread(self.store.set, client_secret(name), password)
         await self.admin.ensure_client(kind, name, password)
         if self.audit:
-            self.audit.record(events.DEVICE_ADD, actor=actor, target=name, kind=kind)
+            await asyncio.to_thread(self.audit.record, events.DEVICE_ADD, actor=actor,
+                                    target=name, kind=kind)
         return Device(name, kind, password)
 
     async def remove(self, name: str, *, actor: str) -> Device:
@@ -91,9 +94,10 @@ class Devices:
         if found is None or kind is None:
             raise DeviceError(f"no device called {name!r}")
         await self.admin.delete_client(name, kind)
-        self.store.delete(client_secret(name))
+        await asyncio.to_thread(self.store.delete, client_secret(name))
         if self.audit:
-            self.audit.record(events.DEVICE_REMOVE, actor=actor, target=name, kind=kind)
+            await asyncio.to_thread(self.audit.record, events.DEVICE_REMOVE, actor=actor,
+                                    target=name, kind=kind)
         return Device(name, kind)
 
     async def list(self) -> list[Device]:
@@ -132,7 +136,8 @@ def lan_address() -> str:
 
 
 def esp32_config(device: Device, endpoint: Endpoint) -> dict[str, Any]:
-    """The `config.json` an ESP32 node's firmware reads (firmware/, docs/devices.md)."""
+    """The `config.json` an ESP32 node's firmware reads (firmware/, docs/devices.md).
+    Blocking (it reads the CA certificate): the panel calls it in a thread."""
     ca = endpoint.ca_file.read_text() if endpoint.tls and endpoint.ca_file else None
     d = device.name
     return {

@@ -4,7 +4,8 @@ backup codes.
 Enrolment is two calls, so a typo in the app never locks anyone out: `begin_enrolment`
 makes a new secret, keeps it pending and returns the otpauth URI with its QR code (SVG);
 `confirm_enrolment` with a first code from the app makes it the user's secret and returns
-10 backup codes, shown once. From then on the login asks for a code (users.py).
+10 backup codes, shown once (`regenerate_backup_codes` replaces them all later). From then
+on the login asks for a code (users.py).
 
 A code is accepted for the current 30-second step and one step either side (phone clocks
 drift). The matched step is stored and only a later step is accepted afterwards, so a code
@@ -176,6 +177,26 @@ class Totp:
             session.commit()
         self.users.audit.record(events.TOTP_ENROL, actor=actor or f"user:{name}", target=name,
                                 replaced=replaced, backup_codes=len(codes))
+        return codes
+
+    def regenerate_backup_codes(self, username: str, *, actor: str | None = None) -> list[str]:
+        """10 new backup codes in place of all earlier ones (used or not), to be shown once;
+        TotpError for a user without TOTP. The caller checks the person first (a current
+        code: the panel's step-up)."""
+        name = canonical_username(username)
+        codes = new_backup_codes()
+        hashes = [hash_password(normalise_code(c), self.users.hasher) for c in codes]
+        with self.users.session() as session:
+            user = self.users.existing(session, name)
+            if user.totp_secret is None:
+                raise TotpError(f"{name} has no authenticator app set up: backup codes come "
+                                "with one")
+            session.exec(delete(BackupCode).where(col(BackupCode.user_id) == user.id))
+            assert user.id is not None
+            session.add_all(BackupCode(user_id=user.id, code_hash=h) for h in hashes)
+            session.commit()
+        self.users.audit.record(events.BACKUP_CODES_RENEW, actor=actor or f"user:{name}",
+                                target=name, backup_codes=len(codes))
         return codes
 
     def reset(self, username: str, *, actor: str) -> bool:

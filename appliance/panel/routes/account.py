@@ -1,8 +1,10 @@
-"""The person's own account: password, TOTP enrolment, API tokens for scripts.
+"""The person's own account: password, TOTP enrolment and backup codes, the sessions they
+are logged in with, API tokens for scripts.
 
 These are open to every role (a viewer changes their own password too) and to a session
 restricted to its first step, which is one of them, but never to an API token: a script
-does not get to change its owner's credentials or make more tokens.
+does not get to change its owner's credentials, see or end their sessions, or make more
+tokens. New backup codes ask for a current code first (step-up, `stepup.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from fastapi import APIRouter, Form, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 from appliance.errors import AuthError, ValidationFailed
-from appliance.panel.auth import client_source
+from appliance.panel.auth import SESSION_COOKIE, client_source
 from appliance.panel.deps import LoginDep, Panel, PanelDep, SessionLogin, Viewer
 from appliance.panel.pages import redirect, render
-from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, RANK, Login
+from appliance.panel.sessions import CHANGE_PASSWORD, ENROL_TOTP, RANK, Login, SessionInfo
+from appliance.panel.stepup import step_up
 from appliance.security import audit as events
 from appliance.security.permissions import TOTP_ROLES, Principal, Role
 from appliance.security.users import UnknownUser
@@ -85,13 +88,69 @@ async def token_revoke(token_id: int, _: SessionLogin, by: Viewer,
     return {"revoked": token_id}
 
 
+# -- sessions ----------------------------------------------------------------------------------
+BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"),
+            ("Chromium/", "Chromium"), ("Chrome/", "Chrome"), ("Safari/", "Safari"))
+SYSTEMS = (("Android", "Android"), ("iPhone", "iOS"), ("iPad", "iPadOS"),
+           ("Windows", "Windows"), ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"),
+           ("Linux", "Linux"))
+
+
+def browser_of(agent: str) -> str:
+    """A short name for a User-Agent ("Chrome on Android"); else its first word."""
+    browser = next((name for mark, name in BROWSERS if mark in agent), None)
+    system = next((name for mark, name in SYSTEMS if mark in agent), None)
+    if browser is None:
+        return (agent.split(" ", 1)[0] or "unknown")[:60]
+    return f"{browser} on {system}" if system else browser
+
+
+def session_row(info: SessionInfo, current: int | None) -> dict[str, Any]:
+    return asdict(info) | {"browser": browser_of(info.user_agent), "current": info.id == current}
+
+
+async def close_session(panel: Panel, by: Login, session_id: int) -> bool:
+    """End one of `by`'s own sessions (the current one too: that is logging out)."""
+    name = by.principal.name
+    if not await asyncio.to_thread(panel.logins.close_own, name, session_id):
+        return False
+    await asyncio.to_thread(panel.audit.record, events.SESSION_REVOKE, actor=by.principal.actor,
+                            target=name, session_id=session_id,
+                            current=session_id == by.session_id)
+    return True
+
+
+@api.get("/sessions")
+async def sessions(login: SessionLogin, _: Viewer, panel: PanelDep) -> list[dict[str, Any]]:
+    """My live sessions: created, last used, from which address and browser, and which is
+    this one (`current`). From a logged-in session (a token sees no sessions)."""
+    listed = await asyncio.to_thread(panel.logins.sessions_of, login.principal.name)
+    return [session_row(s, login.session_id) for s in listed]
+
+
+@api.delete("/sessions/{session_id}")
+async def session_revoke(session_id: int, login: SessionLogin, _: Viewer,
+                         panel: PanelDep) -> dict[str, Any]:
+    """End one of my sessions at once (this one too: a logout). Audit-logged."""
+    if not await close_session(panel, login, session_id):
+        raise HTTPException(404, f"no live session {session_id} of yours")
+    return {"revoked": session_id, "current": session_id == login.session_id}
+
+
 # -- pages -------------------------------------------------------------------------------------
 async def _page(request: Request, panel: Panel, login: Login, code: int = 200,
                 **context: Any) -> Response:
     name = login.principal.name
     info = await asyncio.to_thread(panel.users.get, name)
-    listed = [] if login.restricted else await asyncio.to_thread(panel.logins.tokens_of, name)
-    return render(request, "account.html", code, info=info, tokens=listed,
+    listed, live, left = [], [], None
+    if not login.restricted:
+        listed = await asyncio.to_thread(panel.logins.tokens_of, name)
+        live = [session_row(s, login.session_id)
+                for s in await asyncio.to_thread(panel.logins.sessions_of, name)]
+        if info and info.totp_enrolled:
+            left = await asyncio.to_thread(panel.users.totp.backup_codes_left, name)
+    return render(request, "account.html", code, info=info, tokens=listed, sessions=live,
+                  backup_left=left,
                   scopes=[r for r in Role if RANK[r] <= RANK[login.principal.role]], **context)
 
 
@@ -153,6 +212,33 @@ async def totp_confirm(request: Request, login: SessionLogin, panel: PanelDep,
     if login.restricted == ENROL_TOTP and login.session_id is not None:
         await asyncio.to_thread(panel.logins.restrict, login.session_id, None)
     return await _page(request, panel, login, backup_codes=codes)
+
+
+@pages.post("/backup-codes")
+async def backup_codes_page(request: Request, login: SessionLogin, by: Viewer, panel: PanelDep,
+                            code: Annotated[str, Form(max_length=32)]) -> Response:
+    """New backup codes in place of all earlier ones, shown once; asks for a current code."""
+    try:
+        await step_up(panel, login, code, request)
+        codes = await asyncio.to_thread(panel.users.totp.regenerate_backup_codes, by.name,
+                                        actor=by.actor)
+    except HTTPException as exc:
+        return await _page(request, panel, login, exc.status_code, backup_error=exc.detail)
+    except AuthError as exc:
+        return await _page(request, panel, login, 409, backup_error=str(exc))
+    return await _page(request, panel, login, backup_codes=codes, renewed=True)
+
+
+@pages.post("/sessions/{session_id}/revoke")
+async def session_revoke_page(session_id: int, login: SessionLogin, _: Viewer,
+                              panel: PanelDep) -> Response:
+    if not await close_session(panel, login, session_id):
+        return redirect("/account", f"No live session {session_id} of yours.")
+    if session_id != login.session_id:
+        return redirect("/account", f"Session {session_id} ended.")
+    response = redirect("/login", "This session ended: logged out.")
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
 
 
 @pages.post("/tokens")

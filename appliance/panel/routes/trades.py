@@ -6,6 +6,7 @@ logger, which is the only writer.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -19,6 +20,7 @@ from appliance.panel.deps import ApiAccount, PanelDep, SenderDep, TimeoutDep
 router = APIRouter(prefix="/api/v1", tags=["trades"])
 MAX_EVENTS = 1000
 TRADE_LOGGER = "trade-logger"
+log = logging.getLogger("circles.panel")
 
 
 def _parse(body: bytes) -> Any:
@@ -62,6 +64,7 @@ async def post_trade_events(request: Request, response: Response, account: ApiAc
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
                             f"send 1 to {MAX_EVENTS} events, not {len(items)}")
     events = _validate(items, account)
+    log.info("trade events received", extra={"account": account, "events": len(events)})
     try:
         outcomes = await sender.send(events, timeout=timeout)
     except TemporaryError as exc:

@@ -1,25 +1,50 @@
-"""Trading: the halt (asked of the risk service, which alone writes it), each account's
-equity curve, metrics, per-strategy figures and recent fills (from the trade logger)."""
+"""Trading: the halt (asked of the risk service, which alone writes it), halt and flatten,
+each account's open positions and orders (from the execution service's retained topics),
+equity curve, metrics, per-strategy figures and recent fills (from the trade logger); and
+the trading settings (admins): each account's exchange API keys, and paper or live.
+
+Storing keys and switching an account's mode ask for the person's authenticator code again
+(step-up, `stepup.py`), show a warning first and are audit-logged: the keys by the secret
+store (`secret.write`, the name only), the switch as `trading.mode`. A key is never shown
+again, only whether it is stored and since when.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from appliance.bus.topics import slug
 from appliance.panel.charts import equity_svg
-from appliance.panel.deps import Panel, PanelDep, TradingControl, Viewer
+from appliance.panel.deps import (
+    LoginDep,
+    Panel,
+    PanelDep,
+    SecretsManager,
+    TradingControl,
+    Viewer,
+)
 from appliance.panel.pages import redirect, render
 from appliance.panel.routes.trades import TRADE_LOGGER
+from appliance.panel.sessions import Login
+from appliance.panel.stepup import step_up
+from appliance.security import audit as events
 from appliance.security.permissions import Principal
+from appliance.trading_secrets import exchange_secret_names
 
 api = APIRouter(prefix="/api/v1/trading", tags=["trading"])
 pages = APIRouter(prefix="/trading", include_in_schema=False)
 RISK = "risk"
+EXECUTION = "execution"  # the box runs one execution service, for one account
 MAX_REASON = 200
+MAX_KEY = 512
+Mode = Literal["paper", "live"]
+CONFIRM_ACTIONS = ("halt", "resume", "flatten")
 
 
 class HaltBody(BaseModel):
@@ -28,6 +53,21 @@ class HaltBody(BaseModel):
 
 class ResumeBody(BaseModel):
     force: bool = Field(False, description="resume although a loss limit is breached")
+
+
+class FlattenBody(BaseModel):
+    reason: str = Field("", max_length=MAX_REASON, description="why (goes to the audit log)")
+
+
+class KeysBody(BaseModel):
+    api_key: SecretStr = Field(description="the exchange's API key (trading, no withdrawals)")
+    secret: SecretStr = Field(description="the exchange's API secret")
+    totp: str = Field("", max_length=32, description="a current code of your authenticator")
+
+
+class ModeBody(BaseModel):
+    mode: Mode
+    totp: str = Field("", max_length=32, description="a current code of your authenticator")
 
 
 async def halt(panel: Panel, by: Principal, reason: str) -> dict[str, Any]:
@@ -39,6 +79,14 @@ async def halt(panel: Panel, by: Principal, reason: str) -> dict[str, Any]:
 
 async def resume(panel: Panel, by: Principal, force: bool) -> dict[str, Any]:
     result: dict[str, Any] = await panel.ask(RISK, "resume", {"by": by.actor, "force": force})
+    return result
+
+
+async def flatten(panel: Panel, by: Principal, reason: str) -> dict[str, Any]:
+    """Ask the risk service to halt trading and have every position closed; its answer (the
+    halt, and the execution service's closing orders). Audit-logged by the risk service."""
+    result: dict[str, Any] = await panel.ask(RISK, "flatten", {"by": by.actor,
+                                                              "reason": reason.strip()})
     return result
 
 
@@ -64,11 +112,27 @@ async def account_detail(panel: Panel, account: str, points: int = 200,
     return {"account": account, "metrics": metrics, "equity": equity, "fills": recent}
 
 
+def books(panel: Panel) -> list[dict[str, Any]]:
+    """Each execution account's mode, open positions (qty, average price, mark, unrealised
+    PnL) and open orders, as last published."""
+    view = panel.view
+    out = []
+    for account in view.execution_accounts():
+        positions, orders = view.positions.get(account) or {}, view.orders.get(account) or {}
+        out.append({"account": account, "mode": positions.get("mode") or orders.get("mode"),
+                    "positions": [p for p in positions.get("positions", []) if p.get("qty")],
+                    "orders": orders.get("orders", []),
+                    "ts": positions.get("ts") or orders.get("ts")})
+    return out
+
+
 @api.get("")
 async def trading(_: Viewer, panel: PanelDep) -> dict[str, Any]:
-    """The halt, the risk state (figures, limits, breaches) and each account's metrics."""
+    """The halt, the risk state (figures, limits, breaches), each account's metrics, and each
+    execution account's mode, open positions and open orders."""
     return {"halt": panel.view.halt, "risk": panel.view.risk,
-            "accounts": {name: m.get("metrics", {}) for name, m in panel.view.metrics.items()}}
+            "accounts": {name: m.get("metrics", {}) for name, m in panel.view.metrics.items()},
+            "execution": books(panel)}
 
 
 @api.get("/accounts/{account}")
@@ -92,6 +156,126 @@ async def resume_api(body: ResumeBody, by: TradingControl, panel: PanelDep) -> d
     return await resume(panel, by, body.force)
 
 
+@api.post("/flatten")
+async def flatten_api(body: FlattenBody, by: TradingControl, panel: PanelDep) -> dict[str, Any]:
+    """Halt and flatten: the risk service halts trading, then the execution service cancels
+    every open order and closes every position with a market order. The answer: the halt
+    and the closing orders. Audit-logged by the risk service."""
+    return await flatten(panel, by, body.reason)
+
+
+# -- the trading settings: exchange keys, paper or live -------------------------------------------
+def _slug(account: str) -> str:
+    try:
+        return slug(account)
+    except ValueError as exc:
+        raise HTTPException(422, f"account: {exc}") from None
+
+
+def keys_status(panel: Panel, account: str) -> dict[str, Any]:
+    """Whether the account's API key and secret are in the secret store, and since when;
+    never their values."""
+    found: dict[str, Any] = {"names": list(exchange_secret_names(account))}
+    for what, name in zip(("api_key", "secret"), found["names"], strict=True):
+        try:
+            stored = panel.secrets.path(name).stat().st_mtime if panel.secrets else None
+        except FileNotFoundError:
+            stored = None
+        found[f"{what}_set_at"] = None if stored is None else \
+            datetime.fromtimestamp(stored, UTC).isoformat(timespec="seconds")
+    found["set"] = bool(found["api_key_set_at"] and found["secret_set_at"])
+    return found
+
+
+async def execution_state(panel: Panel) -> dict[str, Any]:
+    """What the box's execution service says of itself: its account and the mode in force."""
+    answer: dict[str, Any] = await panel.ask(EXECUTION, "positions")
+    return answer
+
+
+async def settings_of(panel: Panel) -> dict[str, Any]:
+    """Each account's mode and keys; which account the box's execution service trades (the
+    one whose mode can be switched), or why it is not known."""
+    served, error = None, None
+    try:
+        served = _slug((await execution_state(panel))["account"])
+    except HTTPException as exc:
+        error = exc.detail
+    modes = {b["account"]: b["mode"] for b in books(panel)}
+    names = sorted(set(modes) - {served})
+    accounts = [{"account": name, "mode": modes.get(name), "switchable": name == served,
+                 "keys": await asyncio.to_thread(keys_status, panel, name)}
+                for name in ([served] if served else []) + names]
+    return {"execution_account": served, "execution_error": error, "accounts": accounts}
+
+
+async def store_keys(panel: Panel, login: Login, request: Request, account: str,
+                     api_key: str, secret: str, code: str) -> dict[str, Any]:
+    """Store the account's API key and secret, after the person's code; the keys' status."""
+    name = _slug(account)
+    api_key, secret = api_key.strip(), secret.strip()
+    if not api_key or not secret or len(api_key) > MAX_KEY or len(secret) > MAX_KEY:
+        raise HTTPException(422, f"the API key and the secret are each 1 to {MAX_KEY} "
+                                 "characters")
+    if panel.secrets is None:
+        raise HTTPException(503, "the secret store is not available to the panel")
+    await step_up(panel, login, code, request)
+    by = login.principal.actor
+    for key, value in zip(exchange_secret_names(name), (api_key, secret), strict=True):
+        await asyncio.to_thread(panel.secrets.set, key, value, actor=by)
+    return {"account": name, "keys": await asyncio.to_thread(keys_status, panel, name)}
+
+
+async def switch_mode(panel: Panel, login: Login, request: Request, account: str, mode: Mode,
+                      code: str) -> dict[str, Any]:
+    """Ask the box's execution service to trade `account` in `mode`, after the person's code;
+    its answer. The switch, or its refusal, is audit-logged as `trading.mode`."""
+    name = _slug(account)
+    state = await execution_state(panel)
+    served = _slug(state["account"])
+    if name != served:
+        raise HTTPException(404, f"the box's execution service trades account {served!r}, "
+                                 f"not {name!r}")
+    await step_up(panel, login, code, request)
+    by = login.principal.actor
+    try:
+        answer: dict[str, Any] = await panel.ask(EXECUTION, "mode", {"mode": mode, "by": by})
+    except HTTPException as exc:
+        await asyncio.to_thread(panel.audit.record, events.TRADING_MODE, actor=by, target=name,
+                                outcome="refused", before=state.get("mode"), to=mode,
+                                error=str(exc.detail))
+        raise
+    await asyncio.to_thread(panel.audit.record, events.TRADING_MODE, actor=by, target=name,
+                            before=answer.get("was", state.get("mode")), to=answer["mode"],
+                            changed=bool(answer.get("changed")))
+    return answer
+
+
+@api.get("/settings")
+async def settings_api(_: SecretsManager, panel: PanelDep) -> dict[str, Any]:
+    """Each account's mode and whether its exchange keys are stored (never the keys)."""
+    return await settings_of(panel)
+
+
+@api.put("/accounts/{account}/keys")
+async def keys_api(account: str, body: KeysBody, login: LoginDep, _: SecretsManager,
+                   request: Request, panel: PanelDep) -> dict[str, Any]:
+    """Store (or replace) the account's exchange API key and secret in the box's encrypted
+    secret store, where live execution reads them. Needs `totp`, a current code of your
+    authenticator app. The answer says whether they are stored, never what they are."""
+    return await store_keys(panel, login, request, account, body.api_key.get_secret_value(),
+                            body.secret.get_secret_value(), body.totp)
+
+
+@api.post("/accounts/{account}/mode")
+async def mode_api(account: str, body: ModeBody, login: LoginDep, _: SecretsManager,
+                   request: Request, panel: PanelDep) -> dict[str, Any]:
+    """Switch the account between paper and live, at once and across restarts. `live` sends
+    real orders with real money. Needs `totp`; refused while the account holds positions or
+    open orders, and for live without its keys. The answer: the mode in force."""
+    return await switch_mode(panel, login, request, account, body.mode, body.totp)
+
+
 # -- pages -------------------------------------------------------------------------------------
 @pages.get("")
 async def trading_page(request: Request, _: Viewer, panel: PanelDep,
@@ -106,25 +290,78 @@ async def trading_page(request: Request, _: Viewer, panel: PanelDep,
             error = exc.detail
     chart = equity_svg(detail["equity"] if detail else [], label=f"equity of {chosen}")
     return render(request, "trading.html", d=panel.view.dashboard(), accounts=accounts,
-                  chosen=chosen, detail=detail, error=error, chart=chart, risk=panel.view.risk)
+                  chosen=chosen, detail=detail, error=error, chart=chart, risk=panel.view.risk,
+                  books=books(panel))
+
+
+async def _settings_page(request: Request, panel: Panel, code: int = 200,
+                         **context: Any) -> Response:
+    return render(request, "trading_settings.html", code, s=await settings_of(panel), **context)
+
+
+@pages.get("/settings")
+async def settings_page(request: Request, _: SecretsManager, panel: PanelDep) -> Response:
+    return await _settings_page(request, panel)
+
+
+@pages.post("/settings/keys")
+async def keys_submit(request: Request, login: LoginDep, _: SecretsManager, panel: PanelDep,
+                      account: Annotated[str, Form(max_length=64)],
+                      api_key: Annotated[str, Form()], secret: Annotated[str, Form()],
+                      code: Annotated[str, Form(max_length=32)] = "") -> Response:
+    try:
+        done = await store_keys(panel, login, request, account, api_key, secret, code)
+    except HTTPException as exc:
+        return await _settings_page(request, panel, exc.status_code, failed=account,
+                                    keys_error=exc.detail)
+    return redirect("/trading/settings", f"Keys of {done['account']} stored, encrypted; "
+                                         "they are not shown again.")
+
+
+@pages.post("/settings/mode")
+async def mode_submit(request: Request, login: LoginDep, _: SecretsManager, panel: PanelDep,
+                      account: Annotated[str, Form(max_length=64)],
+                      mode: Annotated[Mode, Form()],
+                      code: Annotated[str, Form(max_length=32)] = "") -> Response:
+    try:
+        answer = await switch_mode(panel, login, request, account, mode, code)
+    except HTTPException as exc:
+        return await _settings_page(request, panel, exc.status_code, failed=account,
+                                    mode_error=exc.detail)
+    done = "is now" if answer.get("changed") else "already was"
+    return redirect("/trading/settings", f"Execution: {answer['account']} {done} "
+                                         f"{answer['mode']}.")
 
 
 @pages.get("/{action}")
 async def confirm_page(request: Request, action: str, _: TradingControl,
                        panel: PanelDep) -> Response:
-    if action not in ("halt", "resume"):
+    if action not in CONFIRM_ACTIONS:
         raise HTTPException(404, "no such page")
-    return render(request, "confirm.html", action=action, d=panel.view.dashboard())
+    return _confirm(request, panel, action)
+
+
+def _confirm(request: Request, panel: Panel, action: str, code: int = 200,
+             error: Any = None) -> Response:
+    """The confirmation page of `action`, again with the error when the service refused."""
+    return render(request, "confirm.html", code, action=action, d=panel.view.dashboard(),
+                  books=books(panel), error=error)
+
+
+async def _asked(request: Request, panel: Panel, action: str,
+                 asking: Awaitable[dict[str, Any]]) -> dict[str, Any] | Response:
+    try:
+        return await asking
+    except HTTPException as exc:
+        return _confirm(request, panel, action, exc.status_code, exc.detail)
 
 
 @pages.post("/halt")
 async def halt_submit(request: Request, by: TradingControl, panel: PanelDep,
                       reason: Annotated[str, Form(max_length=MAX_REASON)] = "") -> Response:
-    try:
-        answer = await halt(panel, by, reason)
-    except HTTPException as exc:
-        return render(request, "confirm.html", exc.status_code, action="halt",
-                      d=panel.view.dashboard(), error=exc.detail)
+    answer = await _asked(request, panel, "halt", halt(panel, by, reason))
+    if isinstance(answer, Response):
+        return answer
     already = "" if answer.get("changed", True) else " (it already was)"
     return redirect("/trading", f"Risk service: trading halted{already} by {answer.get('by')}"
                                 f" — {answer.get('reason')}")
@@ -133,9 +370,20 @@ async def halt_submit(request: Request, by: TradingControl, panel: PanelDep,
 @pages.post("/resume")
 async def resume_submit(request: Request, by: TradingControl, panel: PanelDep,
                         force: Annotated[bool, Form()] = False) -> Response:
-    try:
-        await resume(panel, by, force)
-    except HTTPException as exc:
-        return render(request, "confirm.html", exc.status_code, action="resume",
-                      d=panel.view.dashboard(), error=exc.detail)
+    answer = await _asked(request, panel, "resume", resume(panel, by, force))
+    if isinstance(answer, Response):
+        return answer
     return redirect("/trading", "Risk service: trading resumed.")
+
+
+@pages.post("/flatten")
+async def flatten_submit(request: Request, by: TradingControl, panel: PanelDep,
+                         reason: Annotated[str, Form(max_length=MAX_REASON)] = "") -> Response:
+    answer = await _asked(request, panel, "flatten", flatten(panel, by, reason))
+    if isinstance(answer, Response):
+        return answer
+    orders = (answer.get("execution") or {}).get("orders") or []
+    closing = f"{len(orders)} closing order{'s' if len(orders) != 1 else ''} working" \
+        if orders else "nothing was open"
+    return redirect("/trading", f"Risk service: trading halted and flattened — {closing}. "
+                                f"{(answer.get('halt') or {}).get('reason', '')}")
