@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -717,10 +718,13 @@ def live_exchange(fake: Any) -> dict[str, Any]:
             "breaker_reset_s": 1}
 
 
-async def switch(box: MemoryDesk, mode: str) -> dict[str, Any]:
+async def switch(box: MemoryDesk, mode: str, *, wait_s: float = 10) -> dict[str, Any]:
+    """The `mode` command as the panel sends it: carried out only within `wait_s`."""
     from appliance.bus.payloads import CommandRequest
 
-    result: dict[str, Any] = await box.service.cmd_mode(CommandRequest(mode=mode, by="user:ada"))
+    not_after = (datetime.now(UTC) + timedelta(seconds=wait_s)).isoformat()
+    result: dict[str, Any] = await box.service.cmd_mode(
+        CommandRequest(mode=mode, by="user:ada", not_after=not_after))
     return result
 
 
@@ -769,7 +773,8 @@ async def test_the_mode_switch_takes_effect_at_once_and_survives_a_restart(
         write_secret("exchange-replay-api-key", API_KEY, tmp_path)
         answer = await switch(box, "live")
         assert answer == {"account": "replay", "mode": "live", "reconciled": True,
-                          "changed": True, "was": "paper", "by": "user:ada"}
+                          "discrepancies": [], "changed": True, "was": "paper",
+                          "by": "user:ada"}
         assert box.service.paper is None and fake_exchange.calls("/api/v3/account") >= 1
         published = await box.watch.receive(100, timeout=0.2)
         assert [Positions.model_validate_json(m.payload).mode for m in published
@@ -786,3 +791,88 @@ async def test_the_mode_switch_takes_effect_at_once_and_survives_a_restart(
 
     async with in_memory(tmp_path, exchange=exchange) as third:
         assert third.service.mode == "paper"
+
+
+async def test_a_stale_or_undated_switch_to_live_is_refused(tmp_path: Path,
+                                                            fake_exchange: Any) -> None:
+    """A `mode` command delivered after its `not_after` (the broker kept it while the service
+    restarted; the panel stopped waiting long ago) changes nothing, and one going live must
+    say until when it may be carried out; going to paper without it is fine."""
+    from appliance.bus.payloads import CommandRequest
+    from appliance.errors import ValidationFailed
+    from appliance.security.secrets import write_secret
+    from modules.trading.execution.mode import mode_file
+    from tests.fake_exchange import API_KEY, SECRET
+
+    write_secret("exchange-replay-api-key", API_KEY, tmp_path)
+    write_secret("exchange-replay-secret", SECRET, tmp_path)
+    async with in_memory(tmp_path, exchange=live_exchange(fake_exchange)) as box:
+        with pytest.raises(ValidationFailed, match=r"still paper: the switch to live was asked "
+                                                   r"to be done by .* and is stale.*ask again"):
+            await switch(box, "live", wait_s=-3 * 3600)
+        with pytest.raises(ValidationFailed, match="needs not_after"):
+            await box.service.cmd_mode(CommandRequest(mode="live", by="user:ada"))
+        with pytest.raises(ValidationFailed, match="ISO 8601 time with its time zone"):
+            await box.service.cmd_mode(CommandRequest(mode="live", not_after="2030-01-01T00:00"))
+        assert box.service.mode == "paper" and box.service.driver is None
+        assert fake_exchange.calls("/api/v3/account") == 0  # the exchange never reached
+        assert not mode_file(tmp_path, "replay").exists()
+        assert (await box.service.cmd_mode(CommandRequest(mode="paper")))["changed"] is False
+
+
+async def test_an_intent_during_a_switch_is_refused_and_nothing_is_cancelled(
+        tmp_path: Path, fake_exchange: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While going live waits for the exchange, an intent is refused naming the switch (not
+    ordered on paper, then found missing at the exchange and cancelled by the live side);
+    the switch then completes, the account still flat."""
+    from appliance.security.secrets import write_secret
+    from modules.trading.execution.live import LiveDriver
+    from tests.fake_exchange import API_KEY, SECRET
+
+    reaching, gate = asyncio.Event(), asyncio.Event()
+    real_open = LiveDriver.open
+
+    async def slow_open(driver: LiveDriver) -> None:
+        reaching.set()
+        await gate.wait()
+        await real_open(driver)
+
+    monkeypatch.setattr(LiveDriver, "open", slow_open)
+    write_secret("exchange-replay-api-key", API_KEY, tmp_path)
+    write_secret("exchange-replay-secret", SECRET, tmp_path)
+    t0 = hour_ago()
+    async with in_memory(tmp_path, exchange=live_exchange(fake_exchange)) as box:
+        await box.send(make_bar("BTC/USDT", t0, 100))
+        switching = asyncio.create_task(switch(box, "live"))
+        await asyncio.wait_for(reaching.wait(), 10)
+        refused = await box.send(make_intent("replay", "BTC/USDT", "k1", "2", t0))
+        assert kinds(refused) == ["order", "orders"]  # a rejected order, no open one
+        order = Order.model_validate_json(refused[0].payload)
+        assert order.status == "rejected" and "mode switch in progress" in (order.reason or "")
+        assert box.service.mode == "paper" and box.service.open == {}
+        gate.set()
+        answer = await asyncio.wait_for(switching, 20)
+        assert answer["mode"] == "live" and answer["changed"] is True
+        assert box.service.switching_to is None and box.service.open == {}
+        assert fake_exchange.calls("/api/v3/order") == 0  # no order looked up, none cancelled
+    assert [(r.key, r.status) for r in box.rows(intents)] == [("k1", "refused")]
+    assert "mode switch in progress (paper to live)" in box.rows(intents)[0].reason
+    assert [(r.intent_key, r.status) for r in box.rows(orders)] == [("k1", "rejected")]
+
+
+async def test_a_corrupt_mode_file_refuses_the_start_naming_it(tmp_path: Path) -> None:
+    """A mode file this service did not write is not guessed at (it could mean live): the
+    start fails, saying which file to fix or delete."""
+    from appliance.errors import OperationalError
+    from modules.trading.execution.mode import mode_file
+
+    path = mode_file(tmp_path, "replay")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"mode": "lvie"}')
+    with pytest.raises(OperationalError, match=rf"{re.escape(str(path))}.*fix or delete it"):
+        async with in_memory(tmp_path):
+            pass
+    path.write_text("{not json")
+    with pytest.raises(OperationalError, match=rf"{re.escape(str(path))} is not a chosen mode"):
+        async with in_memory(tmp_path):
+            pass

@@ -28,7 +28,7 @@ from appliance.security.secrets import read_secret
 from appliance.supervisor import port_open
 from tests.fake_exchange import FakeExchange
 from tests.helpers import ServiceProcess
-from tests.panel_box import PASSWORD, PanelBox, csrf_of, start_box
+from tests.panel_box import ACCOUNT, PASSWORD, PanelBox, csrf_of, start_box
 from tests.test_firmware import write_tls_files
 
 
@@ -514,6 +514,27 @@ def test_a_token_cannot_touch_its_owners_credentials(
                 "again": "a stolen new passphrase"}), ("/account/tokens", {"label": "more"})):
             assert script.post(path, data=form, headers=bearer).status_code == 403, path
         assert script.get("/account", headers=bearer).status_code == 403
+        # Nor type its owner's authenticator code: exchange keys and paper/live are a person's.
+        for method, path, body in (
+                ("PUT", f"/api/v1/trading/accounts/{ACCOUNT}/keys",
+                 {"api_key": "k" * 16, "secret": "s" * 16, "totp": "123456"}),
+                ("POST", f"/api/v1/trading/accounts/{ACCOUNT}/mode",
+                 {"mode": "live", "totp": "123456"})):
+            answer = script.request(method, path, json=body, headers=bearer)
+            assert answer.status_code == 403, (path, answer.text)
+
+
+def test_a_refused_body_is_not_echoed(
+        clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """A misspelt field names what is missing, and nothing of what was sent comes back:
+    it may be an exchange secret."""
+    client, csrf = clients[Role.ADMIN]
+    sent = {"api_key": "an-api-key-never-echoed", "secret_key": "a-secret-never-echoed"}
+    answer = client.put(f"/api/v1/trading/accounts/{ACCOUNT}/keys", json=sent,
+                        headers={"x-csrf-token": csrf})
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["loc"] == ["body", "secret"]
+    assert "never-echoed" not in answer.text
 
 
 def test_the_login_form_needs_its_own_cookie(box: PanelBox) -> None:
@@ -1049,7 +1070,6 @@ def _execution(box: PanelBox, command: str, **args: Any) -> dict[str, Any]:
 
 def test_exchange_keys_need_a_code_are_stored_and_never_shown(
         box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
-    from tests.panel_box import ACCOUNT
 
     kim, codes = _person_with_codes(box, "kim", Role.ADMIN)
     client, csrf = _login_with(box, "kim", codes[0])
@@ -1104,7 +1124,6 @@ def test_going_live_needs_a_code_then_reaches_the_exchange_and_comes_back(
     reaches the (fake) exchange with the account's keys, reconciles, and answers live; back
     to paper the same way. Each switch is audit-logged by the panel."""
     from tests.fake_exchange import API_KEY, SECRET
-    from tests.panel_box import ACCOUNT
 
     lee, codes = _person_with_codes(box, "lee", Role.ADMIN)
     client, csrf = _login_with(box, "lee", codes[0])
@@ -1128,8 +1147,8 @@ def test_going_live_needs_a_code_then_reaches_the_exchange_and_comes_back(
                            headers={"x-csrf-token": csrf})
         assert live.status_code == 200, live.text
         assert live.json() | {"by": None} == {"account": ACCOUNT, "mode": "live",
-                                              "reconciled": True, "changed": True,
-                                              "was": "paper", "by": None}
+                                              "reconciled": True, "discrepancies": [],
+                                              "changed": True, "was": "paper", "by": None}
         assert exchange.calls("/api/v3/account") >= 1  # signed with the stored keys
         assert _execution(box, "positions")["mode"] == "live"
         deadline = time.monotonic() + 10

@@ -157,6 +157,22 @@ def test_wrong_codes_lock_the_account_and_a_new_password_step_does_not_reset(box
     assert box.users.authenticate_totp("alice", step.challenge, at_step(box, app, 0)).ok
 
 
+def test_a_step_up_code_counts_as_the_login_step_does(box: Box) -> None:
+    """A code asked again before a money move: good once; good codes take their count back
+    (five in a row lock nobody); wrong ones lock the person, for the login too."""
+    app, _ = enrol(box)
+    login = box.users.login
+    for _ in range(5):
+        box.clock.advance(seconds=30)
+        assert login.step_up("alice", at_step(box, app, 0)).ok
+    assert login.step_up("alice", at_step(box, app, 0)).outcome is Outcome.REFUSED  # used
+    wrong = f"{(int(at_step(box, app, 1)) + 500_000) % 1_000_000:06d}"
+    outcomes = [login.step_up("alice", wrong).outcome for _ in range(5)]
+    assert outcomes == [Outcome.REFUSED] * 3 + [Outcome.LOCKED] * 2, outcomes
+    assert login.step_up("alice", at_step(box, app, 1)).outcome is Outcome.LOCKED
+    assert box.users.authenticate("alice", PASSWORD).outcome is Outcome.LOCKED
+
+
 def test_a_lockout_ends_the_pending_totp_step(box: Box) -> None:
     from appliance.config import SecuritySettings
 

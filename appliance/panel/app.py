@@ -8,7 +8,8 @@ from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import RedirectResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,6 +58,7 @@ def create_app(panel: Panel) -> FastAPI:
         app.include_router(router)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_middleware(PanelMiddleware, logins=panel.logins, tls=panel.tls)
     app.add_middleware(RequestMetrics, metrics=panel.metrics)  # outermost: it times it all
     panel.metrics.follow(panel.view)
@@ -77,3 +79,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
             return RedirectResponse("/account", status_code=303)
         return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
     return render(request, "error.html", exc.status_code, detail=exc.detail)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    """422 naming each field that is wrong and why, never echoing what was sent: a body
+    with a misspelt field may hold an exchange secret or a password."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)

@@ -18,30 +18,28 @@ from fastapi import HTTPException, Request, status
 from appliance.panel.auth import client_source
 from appliance.panel.deps import Panel
 from appliance.panel.sessions import Login
-from appliance.security.totp import Factor
+from appliance.security.login import Outcome
 
 NO_APP = "set up an authenticator app first (Account page): this asks for its code"
 NO_CODE = "type the code your authenticator app shows now: this asks for it again"
 WRONG = "wrong code: type the code your authenticator app shows now (each code works once)"
 
 
-async def step_up(panel: Panel, login: Login, code: str | None, request: Request) -> Factor:
+async def step_up(panel: Panel, login: Login, code: str | None, request: Request) -> None:
     """Pass when `code` is a good, unused code of the logged-in person now (TOTP or backup
-    code): the factor it was. Otherwise HTTP 403 with what to do, and nothing is used up:
-    no authenticator set up, no code, a wrong one (counted), or a person locked by wrong
-    codes."""
-    name = login.principal.name
+    code); otherwise HTTP 403 with what to do: no authenticator set up, no code, a wrong one
+    (counted), or a person locked by wrong codes."""
+    name, code = login.principal.name, (code or "").strip()
     if not await asyncio.to_thread(panel.users.totp.is_enrolled, name):
         raise HTTPException(status.HTTP_403_FORBIDDEN, NO_APP)
-    if not (code or "").strip():
+    if not code:
         raise HTTPException(status.HTTP_403_FORBIDDEN, NO_CODE)
-    source = client_source(request)
-    if until := await asyncio.to_thread(panel.users.login.locked_until, name, None):
+    result = await asyncio.to_thread(panel.users.login.step_up, name, code,
+                                     source=client_source(request))
+    if result.outcome is Outcome.LOCKED:
+        until = result.locked_until
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"too many wrong codes: {name} is "
-                            f"locked until {until:%Y-%m-%d %H:%M} UTC")
-    factor = await asyncio.to_thread(panel.users.totp.verify, name, code or "")
-    if factor is None:
-        # "totp": counted on the person's own row, as a wrong code at the login is.
-        await asyncio.to_thread(panel.users.login.count_failure, name, "totp", source)
+                            f"locked until {until:%Y-%m-%d %H:%M} UTC" if until else
+                            f"too many wrong codes: {name} is locked")
+    if result.outcome is not Outcome.OK:
         raise HTTPException(status.HTTP_403_FORBIDDEN, WRONG)
-    return factor

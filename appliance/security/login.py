@@ -272,6 +272,25 @@ class Login:
         _, early = self._open(name, now, step, source)
         return early or self._failed(name, now, step, source)
 
+    def step_up(self, name: str, code: str, *, source: str | None = None) -> LoginResult:
+        """A fresh code of a logged-in person, asked again before an action that moves money
+        or hands out a factor. It is counted as the login's TOTP step is, before it is
+        checked, so that requests sent at once share the same five guesses; a good code takes
+        its count back. OK with the factor, REFUSED or LOCKED."""
+        now = self.users.clock()
+        _, early = self._open(name, now, "totp", source)
+        if early:
+            return early
+        factor = self.users.totp.verify(name, code)
+        if factor is None:
+            return self._failed(name, now, "totp", source)
+        with self.users.session() as session:
+            _, counters = self._counters(session, name, None)
+            counters.failed_attempts = max(counters.failed_attempts - 1, 0)
+            session.add(counters)
+            session.commit()
+        return LoginResult(Outcome.OK, username=name, second_factor=factor)
+
     def locked_until(self, name: str, source: str | None = None) -> datetime | None:
         """Until when attempts for `name` from `source` are refused; None if they are not."""
         with self.users.session() as session:

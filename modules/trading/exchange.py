@@ -56,7 +56,7 @@ __all__ = [
     "CAPABILITIES", "DEFAULT_CAPABILITIES", "Candle", "Capabilities", "CircuitOpen",
     "DuplicateOrder", "Exchange", "ExchangeError", "ExchangeFailure", "ExchangeOrder",
     "ExchangeSettings", "ExchangeUnavailable", "OrderNotFound", "OrderRejected", "RateLimited",
-    "UnknownExchange", "capabilities_for", "live_exchanges", "require_live_ready",
+    "UnknownExchange", "capabilities_for", "import_ccxt", "live_exchanges", "require_live_ready",
 ]
 
 log = logging.getLogger("circles.exchange")
@@ -65,6 +65,16 @@ T = TypeVar("T")
 # spacing between requests (ccxt's `rateLimit`), doubled on each further refusal.
 RATE_LIMIT_FACTOR = 20
 DUPLICATE_TEXT = "duplicat"  # "duplicate", "duplicated" in the exchanges' own messages
+
+
+def import_ccxt() -> tuple[Any, Any]:
+    """ccxt's asyncio module and its errors module, imported at the first call (lazily: see
+    the module docstring). That first import takes ~0.5 s: an event loop that must not stall
+    runs it in a thread first (`asyncio.to_thread(import_ccxt)`)."""
+    import ccxt.async_support as ccxt_async
+    from ccxt.base import errors
+
+    return ccxt_async, errors
 
 
 class ExchangeSettings(Section):
@@ -112,8 +122,7 @@ class Exchange:
         ExchangeUnavailable when the exchange cannot be reached after the retries."""
         circles_logging.redact(api_key)
         circles_logging.redact(secret)
-        import ccxt.async_support as ccxt_async  # lazily: see the module docstring
-        from ccxt.base import errors
+        ccxt_async, errors = import_ccxt()
 
         client_cls = getattr(ccxt_async, settings.id, None)
         if client_cls is None or not isinstance(client_cls, type):

@@ -22,10 +22,10 @@ from pydantic import BaseModel, Field, SecretStr
 from appliance.bus.topics import slug
 from appliance.panel.charts import equity_svg
 from appliance.panel.deps import (
-    LoginDep,
     Panel,
     PanelDep,
     SecretsManager,
+    SessionLogin,
     TradingControl,
     Viewer,
 )
@@ -47,16 +47,12 @@ Mode = Literal["paper", "live"]
 CONFIRM_ACTIONS = ("halt", "resume", "flatten")
 
 
-class HaltBody(BaseModel):
+class HaltBody(BaseModel):  # also the body of a flatten
     reason: str = Field("", max_length=MAX_REASON, description="why (goes to the audit log)")
 
 
 class ResumeBody(BaseModel):
     force: bool = Field(False, description="resume although a loss limit is breached")
-
-
-class FlattenBody(BaseModel):
-    reason: str = Field("", max_length=MAX_REASON, description="why (goes to the audit log)")
 
 
 class KeysBody(BaseModel):
@@ -91,10 +87,7 @@ async def flatten(panel: Panel, by: Principal, reason: str) -> dict[str, Any]:
 
 
 def _account(panel: Panel, account: str) -> str:
-    try:
-        name = slug(account)
-    except ValueError as exc:
-        raise HTTPException(422, f"account: {exc}") from None
+    name = _slug(account)
     if name not in panel.view.metrics:
         raise HTTPException(404, f"no trade events for account {name!r}")
     return name
@@ -157,7 +150,7 @@ async def resume_api(body: ResumeBody, by: TradingControl, panel: PanelDep) -> d
 
 
 @api.post("/flatten")
-async def flatten_api(body: FlattenBody, by: TradingControl, panel: PanelDep) -> dict[str, Any]:
+async def flatten_api(body: HaltBody, by: TradingControl, panel: PanelDep) -> dict[str, Any]:
     """Halt and flatten: the risk service halts trading, then the execution service cancels
     every open order and closes every position with a market order. The answer: the halt
     and the closing orders. Audit-logged by the risk service."""
@@ -239,10 +232,15 @@ async def switch_mode(panel: Panel, login: Login, request: Request, account: str
     await step_up(panel, login, code, request)
     by = login.principal.actor
     try:
-        answer: dict[str, Any] = await panel.ask(EXECUTION, "mode", {"mode": mode, "by": by})
-    except HTTPException as exc:
+        # Carried out only until we stop waiting: never by a late delivery, unnoticed.
+        not_after = datetime.fromtimestamp(datetime.now(UTC).timestamp()
+                                           + panel.request_timeout_s, UTC)
+        answer: dict[str, Any] = await panel.ask(EXECUTION, "mode", {
+            "mode": mode, "by": by, "not_after": not_after.isoformat()})
+    except HTTPException as exc:  # 503: no answer in time, whether it switched is unknown
         await asyncio.to_thread(panel.audit.record, events.TRADING_MODE, actor=by, target=name,
-                                outcome="refused", before=state.get("mode"), to=mode,
+                                outcome="unknown" if exc.status_code == 503 else "refused",
+                                before=state.get("mode"), to=mode,
                                 error=str(exc.detail))
         raise
     await asyncio.to_thread(panel.audit.record, events.TRADING_MODE, actor=by, target=name,
@@ -258,7 +256,7 @@ async def settings_api(_: SecretsManager, panel: PanelDep) -> dict[str, Any]:
 
 
 @api.put("/accounts/{account}/keys")
-async def keys_api(account: str, body: KeysBody, login: LoginDep, _: SecretsManager,
+async def keys_api(account: str, body: KeysBody, login: SessionLogin, _: SecretsManager,
                    request: Request, panel: PanelDep) -> dict[str, Any]:
     """Store (or replace) the account's exchange API key and secret in the box's encrypted
     secret store, where live execution reads them. Needs `totp`, a current code of your
@@ -268,7 +266,7 @@ async def keys_api(account: str, body: KeysBody, login: LoginDep, _: SecretsMana
 
 
 @api.post("/accounts/{account}/mode")
-async def mode_api(account: str, body: ModeBody, login: LoginDep, _: SecretsManager,
+async def mode_api(account: str, body: ModeBody, login: SessionLogin, _: SecretsManager,
                    request: Request, panel: PanelDep) -> dict[str, Any]:
     """Switch the account between paper and live, at once and across restarts. `live` sends
     real orders with real money. Needs `totp`; refused while the account holds positions or
@@ -305,7 +303,7 @@ async def settings_page(request: Request, _: SecretsManager, panel: PanelDep) ->
 
 
 @pages.post("/settings/keys")
-async def keys_submit(request: Request, login: LoginDep, _: SecretsManager, panel: PanelDep,
+async def keys_submit(request: Request, login: SessionLogin, _: SecretsManager, panel: PanelDep,
                       account: Annotated[str, Form(max_length=64)],
                       api_key: Annotated[str, Form()], secret: Annotated[str, Form()],
                       code: Annotated[str, Form(max_length=32)] = "") -> Response:
@@ -319,7 +317,7 @@ async def keys_submit(request: Request, login: LoginDep, _: SecretsManager, pane
 
 
 @pages.post("/settings/mode")
-async def mode_submit(request: Request, login: LoginDep, _: SecretsManager, panel: PanelDep,
+async def mode_submit(request: Request, login: SessionLogin, _: SecretsManager, panel: PanelDep,
                       account: Annotated[str, Form(max_length=64)],
                       mode: Annotated[Mode, Form()],
                       code: Annotated[str, Form(max_length=32)] = "") -> Response:

@@ -145,7 +145,11 @@ class LiveDriver:
         that may be at the exchange is looked up, and the balances and the exchange's open
         orders are compared with ours. A refusal here (credentials, permissions, anything the
         boundary does not understand) is a ConfigError: the unit does not restart into
-        logging in again and again with a bad key, which exchanges punish with a ban."""
+        logging in again and again with a bad key, which exchanges punish with a ban.
+
+        Opened for a switch to live (the `mode` command), this driver is not yet the desk's:
+        the desk's book is paper's then, which it leaves alone (`_pass`): flat, and kept flat
+        by intents being refused until the switch is done."""
         desk, (api_key, secret) = self.desk, self._credentials
         try:
             self.exchange = await self._retrying("connect", lambda: Exchange.open(
@@ -169,9 +173,10 @@ class LiveDriver:
             listed = []
             found.append({"kind": "order", "problem": f"the exchange's open orders could not "
                                                       f"be listed: {exc}"})
+        book = self._book()
         for seen in listed:
             coid = seen.client_order_id
-            if not is_client_order_id(coid) or coid in desk.open:
+            if not is_client_order_id(coid) or coid in book:
                 continue
             ours = await desk.db(desk.store.order, coid)
             if ours is None or not ours.is_open:
@@ -182,7 +187,8 @@ class LiveDriver:
                 log.warning("the exchange differs from our records: not adopted; check the "
                             "account", extra=entry)
             self.reconciled = True
-            await desk.settle_waiting()
+            if desk.driver is self:
+                await desk.settle_waiting()
         desk.wake.set()
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -242,7 +248,7 @@ class LiveDriver:
         cancel those asked to be, and look up the others (when `poll`). False when the
         exchange failed for now (the pass is resumed after a pause)."""
         desk = self.desk
-        for order in list(desk.open.values()):
+        for order in list(self._book().values()):
             try:
                 if order.cancel_requested:
                     await self._cancel(order)
@@ -271,6 +277,11 @@ class LiveDriver:
                 return False
         self.failures = 0
         return True
+
+    def _book(self) -> dict[str, OrderRow]:
+        """The desk's open orders when this driver is the desk's; else none (they are paper
+        orders: looked up at the exchange, they would be found missing and cancelled)."""
+        return self.desk.open if self.desk.driver is self else {}
 
     async def _lookup(self, order: OrderRow) -> None:
         assert self.exchange is not None

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import Literal, cast
 
 from appliance.bus.payloads import utcnow
 from appliance.errors import OperationalError
@@ -63,9 +62,5 @@ def choose_mode(state_dir: Path, account: str, mode: Mode, by: str) -> ChosenMod
     data = json.dumps({"mode": chosen.mode, "by": chosen.by, "at": chosen.at}).encode()
     path = mode_file(state_dir, account)
     private_dir(path.parent)
-    write_atomically(path, partial(_write, data))
+    write_atomically(path, lambda out: out.write(data))
     return chosen
-
-
-def _write(data: bytes, out: BinaryIO) -> int:
-    return out.write(data)

@@ -77,6 +77,7 @@ class ExecutionService(Service):
         chosen = await asyncio.to_thread(chosen_mode, self.settings.state_dir, self.account)
         self.mode: Mode = chosen.mode if chosen is not None else c.mode
         self.switching = asyncio.Lock()  # one mode switch at a time
+        self.switching_to: Mode | None = None  # a switch in progress: intents are refused
         # Paper never touches the secret store, nor the exchange boundary.
         self.driver: LiveDriver | None = await self._live_driver() if self.live else None
         self.model = PaperModel(c.slippage_bps, c.fee_bps, c.fill_at, c.max_volume_fraction,
@@ -111,13 +112,18 @@ class ExecutionService(Service):
 
     async def _live_driver(self) -> LiveDriver:
         """The live side, with the account's credentials; ConfigError when the exchange may
-        not be traded live or a credential is missing."""
-        from modules.trading.exchange import require_live_ready
+        not be traded live or a credential is missing. Made in a thread: the first one
+        imports ccxt (~0.5 s), which would stall the event loop (a switch to live at run
+        time: intents, bars, acks)."""
+        return await asyncio.to_thread(self._make_live_driver)
+
+    def _make_live_driver(self) -> LiveDriver:
+        from modules.trading.exchange import import_ccxt, require_live_ready
         from modules.trading.execution.live import LiveDriver, credentials
 
         require_live_ready(self.config.exchange.id)
-        api_key, secret = await asyncio.to_thread(credentials, self.account,
-                                                  self.settings.state_dir)
+        api_key, secret = credentials(self.account, self.settings.state_dir)
+        import_ccxt()  # here rather than in Exchange.open, on the event loop
         return LiveDriver(self, api_key, secret)
 
     async def _paper_driver(self) -> PaperDriver:
@@ -177,10 +183,21 @@ class ExecutionService(Service):
                    "since the start, or deleted)"
         return f"trading halted: {self.halt.reason}" if self.halt.halted else None
 
+    def switch_reason(self) -> str | None:
+        """Why no intent is decided now but refused (None: none is): a mode switch is in
+        progress (the `mode` command), which needs the account to stay flat throughout."""
+        if self.switching_to is None:
+            return None
+        return (f"mode switch in progress ({self.mode} to {self.switching_to}): intents are "
+                "refused until it is done")
+
     def _may_wait(self) -> bool:
         """Whether an intent may wait instead of being refused: the halt state has not been
         seen yet just after a start (the broker hands queued intents over before the
-        retained halt), or the live exchange is still being reached."""
+        retained halt), or the live exchange is still being reached. Never during a mode
+        switch: intents are refused then (`switch_reason`), none is left waiting."""
+        if self.switching_to is not None:
+            return False
         if self.halt is None:
             return time.monotonic() - self.started < self.config.halt_wait_s
         return self.driver is not None and not self.halt.halted and not self.driver.reconciled
@@ -220,8 +237,9 @@ class ExecutionService(Service):
         """Order what `intent` asks for, or refuse it: planned first, then committed in one
         transaction with the cancels it makes and, on paper, the fills of the bars already
         seen; then published. False (nothing done) when the intent was decided before."""
-        reason = self.halt_reason() or self._foreign(intent) or self.bars.stale(
-            intent, self.config.max_intent_age_bars, datetime.now(UTC) if self.live else None)
+        reason = self.halt_reason() or self.switch_reason() or self._foreign(intent) or \
+            self.bars.stale(intent, self.config.max_intent_age_bars,
+                            datetime.now(UTC) if self.live else None)
         change = Change(intent=intent)
         delta = self._delta(change, intent.symbol, intent.target_qty, cancel=reason is None)
         qty, small = abs(delta), None
@@ -410,6 +428,10 @@ class ExecutionService(Service):
     def _discrepancies(self) -> list[dict[str, str]]:
         return self.driver.discrepancies if self.driver is not None else []
 
+    def _reconciled(self) -> bool | None:
+        """Live: whether the comparison with the exchange is done; paper: None."""
+        return self.driver.reconciled if self.driver is not None else None
+
     async def cmd_positions(self, request: CommandRequest) -> dict[str, Any]:
         """The account's positions marked to the last bar; live: whether the start-up
         comparison with the exchange is done, and where the exchange differed from our
@@ -417,8 +439,7 @@ class ExecutionService(Service):
         async with self.lock:
             return {"account": self.config.account, "mode": self.mode,
                     "positions": [p.model_dump(mode="json") for p in self._marks()],
-                    "reconciled": self.driver.reconciled if self.driver is not None else None,
-                    "discrepancies": self._discrepancies(),
+                    "reconciled": self._reconciled(), "discrepancies": self._discrepancies(),
                     "halted": None if self.halt is None else self.halt.halted}
 
     async def cmd_orders(self, request: CommandRequest) -> dict[str, Any]:
@@ -481,48 +502,95 @@ class ExecutionService(Service):
                            for o in kept + made]}
 
     async def cmd_mode(self, request: CommandRequest) -> dict[str, Any]:
-        """{"mode": "paper" | "live", "by": "…"} → switch the account at once and for good
-        (kept in the state directory, it wins over `execution.mode` at the next start:
-        mode.py); the mode in force, and whether it changed. Refused, changing nothing,
-        while the account holds a position or an open order (flatten first: paper positions
-        are not at the exchange, nor live ones in the paper model); and for live when the
-        exchange may not be traded live, the account's API key or secret is missing, or the
-        exchange does not take them within `switch_timeout_s`. Going live, the exchange is
-        reached and compared with our records before paper trading stops."""
-        mode, by = (request.model_extra or {}).get("mode"), request.by or "unknown"
+        """{"mode": "paper" | "live", "by": "…", "not_after": "<ISO 8601>"} → switch the
+        account at once and for good (kept in the state directory, it wins over
+        `execution.mode` at the next start: mode.py); the mode in force, whether it changed,
+        and (live) where the exchange differed from our records. Refused, changing nothing:
+        once `not_after` has passed (the asker stopped waiting: a command the broker kept
+        while the service was down must not switch hours later), and going live without
+        it; while the account holds a position or an open order, or intents wait (flatten
+        first: paper positions are not at the exchange, nor live ones in the paper model);
+        and for live when the exchange may not be traded live, the account's API key or
+        secret is missing, or the exchange does not take them within `switch_timeout_s`.
+        Going live, the exchange is reached and compared with our records before paper
+        trading stops; intents are refused meanwhile (`switch_reason`)."""
+        args = request.model_extra or {}
+        mode, by, not_after = args.get("mode"), request.by or "unknown", args.get("not_after")
         if mode not in MODES:
             raise ValidationFailed('mode must be "paper" or "live"')
         async with self.switching:
+            self._refuse_stale(mode, not_after)  # a switch before it may have taken long
             before, old = self.mode, self.driver
             if mode == before:
                 return self._mode_answer(changed=False)
             async with self.lock:
                 self._refuse_unless_flat(mode)
-            driver = await self._open_live() if mode == "live" else None
+                self.switching_to = mode  # from here on, nothing is ordered: it stays flat
             try:
-                async with self.lock:
-                    self._refuse_unless_flat(mode)  # an intent may have been ordered meanwhile
-                    paper = None if driver is not None else await self._paper_driver()
-                    await asyncio.to_thread(choose_mode, self.settings.state_dir, self.account,
-                                            mode, by)
-                    self.driver, self.paper, self.mode = driver, paper, mode
-                    await self._publish_orders()
-                    await self._publish_positions()
-            except BaseException:
-                if driver is not None and self.driver is not driver:
-                    await driver.close()
-                raise
-            if old is not None:
-                await old.close()
+                await self._switch(mode, by, not_after)
+            finally:
+                self.switching_to = None
+                if old is not None and self.driver is not old:  # switched: the old one is done
+                    await old.close()
             self.wake.set()
         log.warning("trading mode switched", extra={"by": by, "from": before, "to": mode,
                                                     "account": self.config.account})
         return self._mode_answer(changed=True, was=before, by=by)
 
+    async def _switch(self, mode: Mode, by: str, not_after: Any) -> None:
+        """Install `mode`: its driver opened first, then the choice kept, then published. On
+        an error before the choice is kept, nothing changed and the new driver is closed;
+        the old one is the caller's to close."""
+        driver = await self._open_live() if mode == "live" else None
+        try:
+            async with self.lock:
+                self._refuse_unless_flat(mode)  # belt and braces: intents were refused
+                self._refuse_stale(mode, not_after)  # the asker gave up while we reached out
+                paper = None if driver is not None else await self._paper_driver()
+                await asyncio.to_thread(choose_mode, self.settings.state_dir, self.account,
+                                        mode, by)
+                self.driver, self.paper, self.mode = driver, paper, mode
+        except BaseException:
+            if driver is not None:
+                await driver.close()
+            raise
+        try:  # switched for good: the retained state says so now, or at the run loop's turn
+            async with self.lock:
+                await self._publish_orders()
+                await self._publish_positions()
+        except Exception as exc:  # noqa: BLE001 - the switch happened; the answer must say so
+            self.positions_dirty = True
+            log.warning("mode switched, not yet published", extra={"error": str(exc)})
+
     def _mode_answer(self, **extra: Any) -> dict[str, Any]:
         return {"account": self.config.account, "mode": self.mode,
-                "reconciled": self.driver.reconciled if self.driver is not None else None,
+                "reconciled": self._reconciled(), "discrepancies": self._discrepancies(),
                 **extra}
+
+    def _refuse_stale(self, mode: str, not_after: Any) -> None:
+        """Refuse a `mode` command whose asker stopped waiting (`not_after` passed), and one
+        going live that does not say until when it may be carried out."""
+        if not_after is None:
+            if mode == "live":
+                raise ValidationFailed(
+                    f"still {self.mode}: a switch to live needs not_after (ISO 8601: until "
+                    "when it may be carried out), or one queued for hours could go live")
+            return
+        deadline = None
+        if isinstance(not_after, str):
+            try:
+                deadline = datetime.fromisoformat(not_after)
+            except ValueError:
+                pass
+        if deadline is None or deadline.tzinfo is None:
+            raise ValidationFailed(f"not_after must be an ISO 8601 time with its time zone, "
+                                   f"not {not_after!r}")
+        now = datetime.now(UTC)
+        if now > deadline:
+            raise ValidationFailed(
+                f"still {self.mode}: the switch to {mode} was asked to be done by "
+                f"{deadline.astimezone(UTC).isoformat(timespec='seconds')} and is stale (now "
+                f"{now.isoformat(timespec='seconds')}: delivered late?); ask again")
 
     def _refuse_unless_flat(self, mode: str) -> None:
         held = sorted(s for s, p in self.positions.items() if abs(p.qty) >= self.config.min_qty)
@@ -531,6 +599,10 @@ class ExecutionService(Service):
                 f"still {self.mode}, not {mode}: the account has {len(self.open)} open orders "
                 f"and positions in {', '.join(held) or 'nothing'}; halt and flatten first "
                 "(paper positions are not at the exchange, nor live ones in the paper model)")
+        if self.waiting:
+            raise ValidationFailed(
+                f"still {self.mode}, not {mode}: intents wait to be decided (for the halt "
+                "state, or the exchange); ask again once they are")
 
     async def _open_live(self) -> LiveDriver:
         """A live driver that reached the exchange and compared it with our records; else an
