@@ -191,12 +191,7 @@ class Logins:
     def close_own(self, username: str, session_id: int) -> bool:
         """End one of `username`'s own sessions now (any other person's is out of reach);
         False if there is no such live session."""
-        with self.engine.begin() as conn:
-            done = conn.execute(update(sessions).where(
-                sessions.c.id == session_id, sessions.c.user_id == _user_id(username),
-                sessions.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
-        self._cache.clear()
-        return bool(done.rowcount)
+        return self._revoke(sessions, username, session_id)
 
     # -- API tokens -------------------------------------------------------------------------
     def create_token(self, principal: Principal, label: str, scope: Role) -> tuple[TokenInfo, str]:
@@ -242,10 +237,14 @@ class Logins:
 
     def revoke_token(self, username: str, token_id: int) -> bool:
         """Revoke one of `username`'s own tokens; False if there is no such live token."""
+        return self._revoke(tokens, username, token_id)
+
+    def _revoke(self, table: Table, username: str, row_id: int) -> bool:
+        """Revoke the live row `row_id` of `table` (sessions, tokens) if it is `username`'s."""
         with self.engine.begin() as conn:
-            done = conn.execute(update(tokens).where(
-                tokens.c.id == token_id, tokens.c.user_id == _user_id(username),
-                tokens.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
+            done = conn.execute(update(table).where(
+                table.c.id == row_id, table.c.user_id == _user_id(username),
+                table.c.revoked_at.is_(None)).values(revoked_at=iso(self.clock())))
         self._cache.clear()
         return bool(done.rowcount)
 

@@ -12,7 +12,7 @@ again, only whether it is stored and since when.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -346,42 +346,45 @@ def _confirm(request: Request, panel: Panel, action: str, code: int = 200,
                   books=books(panel), error=error)
 
 
-async def _asked(request: Request, panel: Panel, action: str,
-                 asking: Awaitable[dict[str, Any]]) -> dict[str, Any] | Response:
+async def _confirmed(request: Request, panel: Panel, action: str,
+                     asking: Awaitable[dict[str, Any]],
+                     said: Callable[[dict[str, Any]], str]) -> Response:
+    """Back to /trading saying what the service answered; the confirmation page again with
+    its error when it refused."""
     try:
-        return await asking
+        answer = await asking
     except HTTPException as exc:
         return _confirm(request, panel, action, exc.status_code, exc.detail)
+    return redirect("/trading", said(answer))
+
+
+def _halted(answer: dict[str, Any]) -> str:
+    already = "" if answer.get("changed", True) else " (it already was)"
+    return f"Risk service: trading halted{already} by {answer.get('by')} — {answer.get('reason')}"
+
+
+def _flattened(answer: dict[str, Any]) -> str:
+    orders = (answer.get("execution") or {}).get("orders") or []
+    closing = f"{len(orders)} closing order{'s' if len(orders) != 1 else ''} working" \
+        if orders else "nothing was open"
+    return (f"Risk service: trading halted and flattened — {closing}. "
+            f"{(answer.get('halt') or {}).get('reason', '')}")
 
 
 @pages.post("/halt")
 async def halt_submit(request: Request, by: TradingControl, panel: PanelDep,
                       reason: Annotated[str, Form(max_length=MAX_REASON)] = "") -> Response:
-    answer = await _asked(request, panel, "halt", halt(panel, by, reason))
-    if isinstance(answer, Response):
-        return answer
-    already = "" if answer.get("changed", True) else " (it already was)"
-    return redirect("/trading", f"Risk service: trading halted{already} by {answer.get('by')}"
-                                f" — {answer.get('reason')}")
+    return await _confirmed(request, panel, "halt", halt(panel, by, reason), _halted)
 
 
 @pages.post("/resume")
 async def resume_submit(request: Request, by: TradingControl, panel: PanelDep,
                         force: Annotated[bool, Form()] = False) -> Response:
-    answer = await _asked(request, panel, "resume", resume(panel, by, force))
-    if isinstance(answer, Response):
-        return answer
-    return redirect("/trading", "Risk service: trading resumed.")
+    return await _confirmed(request, panel, "resume", resume(panel, by, force),
+                            lambda _: "Risk service: trading resumed.")
 
 
 @pages.post("/flatten")
 async def flatten_submit(request: Request, by: TradingControl, panel: PanelDep,
                          reason: Annotated[str, Form(max_length=MAX_REASON)] = "") -> Response:
-    answer = await _asked(request, panel, "flatten", flatten(panel, by, reason))
-    if isinstance(answer, Response):
-        return answer
-    orders = (answer.get("execution") or {}).get("orders") or []
-    closing = f"{len(orders)} closing order{'s' if len(orders) != 1 else ''} working" \
-        if orders else "nothing was open"
-    return redirect("/trading", f"Risk service: trading halted and flattened — {closing}. "
-                                f"{(answer.get('halt') or {}).get('reason', '')}")
+    return await _confirmed(request, panel, "flatten", flatten(panel, by, reason), _flattened)
