@@ -79,6 +79,23 @@ class SecuritySettings(Section):
     totp_issuer: str = Field("Circles", min_length=1, max_length=60)
 
 
+class StoreSettings(Section):
+    """One object store (appliance/storage, docs/storage.md): the `[storage]` section (the
+    personal cloud) and every backup target. `local` keeps objects under `path` on a disk of
+    the box (or a USB disk mounted there); `s3` uses MinIO or any S3 at `endpoint`, with its
+    access and secret keys read from the secret store under the names given here."""
+
+    backend: Literal["local", "s3"] = "local"
+    path: Path | None = None  # local: default <state_dir>/storage
+    endpoint: str | None = None  # s3: host:port, e.g. nas.lan:9000
+    bucket: str = Field("circles", min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+$")
+    secure: bool = True  # s3: HTTPS
+    region: str | None = None
+    access_key_secret: str = "s3-access-key"
+    secret_key_secret: str = "s3-secret-key"
+    encrypt: bool = True  # envelope-encrypt every object under the keyring
+
+
 class CoreSettings(BaseSettings):
     """What every process needs; a service's own section is added by `settings_class`."""
 
@@ -92,6 +109,7 @@ class CoreSettings(BaseSettings):
     log: LogSettings = LogSettings()
     database: DatabaseSettings = DatabaseSettings()
     security: SecuritySettings = SecuritySettings()
+    storage: StoreSettings = StoreSettings()
 
     @classmethod
     def settings_customise_sources(

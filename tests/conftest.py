@@ -11,7 +11,7 @@ import pytest
 from appliance import services
 from appliance.errors import ConfigError
 from appliance.supervisor import free_port, mosquitto_binary
-from tests import pg
+from tests import pg, s3server
 from tests.helpers import TestBroker
 
 
@@ -71,6 +71,15 @@ def postgres_database(postgres_url: str) -> Iterator[str]:
     """The URL of a new, empty database for one test; dropped afterwards."""
     with pg.fresh_database(postgres_url) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[s3server.S3Server]:
+    """An S3 server for the session: moto's on 127.0.0.1, or the real one CIRCLES_TEST_S3_ENDPOINT
+    names. `s3_server.settings(state_dir, s3server.fresh_bucket())` gives a test its own bucket."""
+    server = s3server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=services.names())

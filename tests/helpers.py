@@ -49,6 +49,16 @@ def circles(env: dict[str, str], *args: str, stdin: str | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it is true (its value), or fail naming `what`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (found := predicate()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+    return found
+
+
 def unique_topic(prefix: str = "circles/tester/t") -> str:
     """A topic no other test uses (under the tester's own prefix by default)."""
     return f"{prefix}/{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:6]}"

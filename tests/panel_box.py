@@ -50,6 +50,7 @@ class PanelBox:
     users: Users
     procs: list[ServiceProcess]
     ca_cert: Path
+    storage: Path  # where the panel keeps its files (the [storage] section's local path)
     people: dict[Role, Person] = field(default_factory=dict)
 
     @property
@@ -104,8 +105,9 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
-def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
-    """Start the services; yield the box; stop them and print their logs."""
+def start_box(broker: TestBroker, tmp: Path, services: tuple[str, ...] = SERVICES,
+              **env: str) -> Iterator[PanelBox]:
+    """Start the services (the panel last); yield the box; stop them and print their logs."""
     port = free_port(38280)
     ca_cert = write_tls_files(tmp / "tls")[0]
     logs = tmp / "logs"
@@ -129,12 +131,13 @@ def start_box(broker: TestBroker, tmp: Path, **env: str) -> Iterator[PanelBox]:
                              CIRCLES_PANEL__CA_CERT=str(ca_cert),
                              # each service's JSON lines where the Logs page reads them
                              CIRCLES_PANEL__LOGS="files", CIRCLES_PANEL__LOGS_DIR=str(logs),
-                             **env)
+                             # the files of this box apart from any other's on the broker
+                             **{"CIRCLES_STORAGE__PATH": str(tmp / "storage"), **env})
     procs = [ServiceProcess(name, environment, tmp, log_path=logs / f"{name}.jsonl")
-             for name in SERVICES]
-    box = PanelBox(broker, url, port, users, procs, ca_cert)
+             for name in services]
+    box = PanelBox(broker, url, port, users, procs, ca_cert, tmp / "storage")
     try:
-        asyncio.run(services_online(broker, SERVICES))
+        asyncio.run(services_online(broker, services))
         deadline = time.monotonic() + 20
         while not port_open("127.0.0.1", port):
             assert time.monotonic() < deadline, procs[-1].log

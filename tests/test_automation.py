@@ -5,10 +5,8 @@ commands a device under the trigger's request id over the real broker."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from appliance.logging import request_id
 from appliance.runtime import Runner
 from modules.automation.service import AutomationService
 from modules.automation.settings import AutomationSettings, Condition, parse_duration
-from tests.helpers import Collector, ServiceProcess, TestBroker, circles, circles_env, pump, watcher
+from tests.helpers import Collector, ServiceProcess, TestBroker, circles, circles_env, pump, until, watcher
 
 BERLIN = ZoneInfo("Europe/Berlin")
 T0 = datetime(2024, 6, 3, 20, 0, tzinfo=BERLIN)  # a Monday evening
@@ -381,14 +379,6 @@ def test_bad_settings_exit_78_naming_the_rule(tmp_path: Path, config: str, fragm
     for fragment in fragments:
         assert fragment in line, line
 
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (found := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return found
 
 
 async def test_process_commands_the_device_under_the_triggers_request_id(

@@ -28,7 +28,7 @@ from modules.trading.market.service import MarketService
 from modules.trading.market.settings import MarketSettings, SyntheticSettings
 from modules.trading.market.synthetic import SyntheticSource, SyntheticWalk
 from tests.fake_exchange import FakeExchange, fake_exchange_fixture  # noqa: F401
-from tests.helpers import Collector, ServiceProcess, TestBroker
+from tests.helpers import Collector, ServiceProcess, TestBroker, until
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_699_999_980  # a minute boundary
@@ -64,14 +64,6 @@ class ManualClock:
             if not waiter.done():
                 waiter.set_result(None)
 
-
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return result
 
 
 @dataclass

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import ssl
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,8 @@ def box(broker: Any, tmp_path_factory: pytest.TempPathFactory,
     yield from start_box(broker, tmp_path_factory.mktemp("panel-api"),
                          CIRCLES_EXECUTION__EXCHANGE__URLS=json.dumps(exchange.urls()),
                          CIRCLES_EXECUTION__EXCHANGE__BACKOFF_S="0.05",
-                         CIRCLES_EXECUTION__EXCHANGE__TIMEOUT_MS="3000")
+                         CIRCLES_EXECUTION__EXCHANGE__TIMEOUT_MS="3000",
+                         CIRCLES_PANEL__MAX_UPLOAD_MB=str(MAX_UPLOAD_MB))
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,10 @@ ROLES_FOR[MANAGE] = {Role.ADMIN}
 # a valid one would use up an authenticator code.
 SECRETS = "secrets"
 ROLES_FOR[SECRETS] = {Role.ADMIN}
+# Uploading, deleting and sharing files (files.write).
+FILES = "files"
+ROLES_FOR[FILES] = {Role.OPERATOR, Role.ADMIN}
+MAX_UPLOAD_MB = 8  # panel.max_upload_mb of this box
 # (method, route path) → (who may, the request made: path, JSON body or form).
 ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("GET", "/api/v1/dashboard"): (VIEW, "/api/v1/dashboard", None),
@@ -104,6 +111,20 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict[str, Any] | None]] = {
     ("POST", "/api/v1/devices"): (MANAGE, "/api/v1/devices", {"name": "table-api",
                                                               "kind": "observer"}),
     ("DELETE", "/api/v1/devices/{name}"): (MANAGE, "/api/v1/devices/table-api", None),
+    # Files: no such file (404), no file sent (422); the shared link needs no login.
+    ("GET", "/api/v1/files"): (VIEW, "/api/v1/files", None),
+    ("POST", "/api/v1/files"): (FILES, "/api/v1/files", {}),
+    ("GET", "/api/v1/files/{path:path}"): (VIEW, "/api/v1/files/table/none.txt", None),
+    ("DELETE", "/api/v1/files/{path:path}"): (FILES, "/api/v1/files/table/none.txt", None),
+    ("POST", "/api/v1/files/{path:path}/share"): (FILES, "/api/v1/files/table/none.txt/share",
+                                                  {"expires": "1h"}),
+    ("GET", "/files"): (VIEW, "/files", None),
+    ("POST", "/files"): (FILES, "/files", {"form": {}}),
+    ("GET", "/files/remove"): (FILES, "/files/remove?path=table/none.txt", None),
+    ("POST", "/files/remove"): (FILES, "/files/remove", {"form": {"path": "table/none.txt"}}),
+    ("POST", "/files/share"): (FILES, "/files/share", {"form": {"path": "table/none.txt",
+                                                                 "expires": "1h"}}),
+    ("GET", "/files/shared/{token}"): (PUBLIC, "/files/shared/nothing", None),
     # pages
     ("GET", "/"): (VIEW, "/", None),
     ("GET", "/more"): (VIEW, "/more", None),
@@ -1349,3 +1370,338 @@ def test_positions_and_open_orders_show_per_account(
         assert "ETH/USDT" in client.get("/trading/flatten").text
     finally:
         asyncio.run(retain(clear=True))
+
+
+# -- files -----------------------------------------------------------------------------------------
+def _upload(client: httpx.Client, csrf: str, filename: str, data: bytes, folder: str = "",
+            **fields: str) -> httpx.Response:
+    return client.post("/api/v1/files", files={"file": (filename, data, "application/octet-stream")},
+                       data={"folder": folder, **fields}, headers={"x-csrf-token": csrf})
+
+
+def _listed(client: httpx.Client, folder: str) -> list[str]:
+    answer = client.get("/api/v1/files", params={"folder": folder})
+    assert answer.status_code == 200, answer.text
+    return [f["path"] for f in answer.json()["files"]]
+
+
+def test_a_file_goes_up_comes_down_is_shared_and_deleted(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """Upload (a few MB, streamed) → listed → downloaded identical by a viewer → a share link
+    fetched without a login → delete → gone, link and all; encrypted at rest; audit-logged
+    with names and sizes, never a link's token."""
+    from urllib.parse import quote
+
+    from appliance.panel.files import PREFIX, link_token
+    from appliance.storage import links
+    from appliance.storage.fs import FileStore
+
+    operator, csrf = clients[Role.OPERATOR]
+    viewer, _ = clients[Role.VIEWER]
+    folder, name = f"docs-{uuid.uuid4().hex[:6]}", "résumé 1.pdf"
+    path = f"{folder}/{name}"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    made = _upload(operator, csrf, name, data, folder)
+    assert made.status_code == 201, made.text
+    assert made.json() | {"modified": None} == {
+        "name": name, "path": path, "size": len(data), "content_type": "application/pdf",
+        "replaced": False, "modified": None}
+    assert _upload(operator, csrf, name, b"other", folder).status_code == 409
+    assert _listed(viewer, folder) == [path]
+    # A viewer's page lists and downloads; it offers no upload, share or delete.
+    page = viewer.get("/files", params={"folder": folder}).text
+    assert f'href="/api/v1/files/{quote(path)}"' in page
+    assert 'id="upload"' not in page and "/files/remove" not in page and "/files/share" not in page
+    assert 'id="upload"' in operator.get("/files").text
+    top = viewer.get("/api/v1/files").json()
+    assert {"name": folder, "path": f"{folder}/", "files": 1} in top["folders"]
+    # At rest the bytes are encrypted (the box's storage default): not the file's.
+    at_rest = FileStore(box.storage).get_bytes(PREFIX + path)
+    assert data[:4096] not in at_rest
+
+    url = f"/api/v1/files/{quote(path)}"
+    with viewer.stream("GET", url) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-length"] == str(len(data))
+        assert answer.headers["content-type"] == "application/pdf"
+        disposition = answer.headers["content-disposition"]
+        assert disposition.startswith("attachment;")
+        assert "filename*=UTF-8''r%C3%A9sum%C3%A9%201.pdf" in disposition
+        assert any(p.startswith("sandbox") for p in answer.headers.get_list("content-security-policy"))
+        got = b"".join(answer.iter_bytes())
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+    shared = operator.post(f"{url}/share", json={"expires": "1h"}, headers={"x-csrf-token": csrf})
+    assert shared.status_code == 200, shared.text
+    link = shared.json()
+    assert link["kind"] == "signed" and link["url"].startswith(f"{box.base}/files/shared/")
+    with httpx.Client(timeout=30) as stranger:  # no cookie, no token
+        fetched = stranger.get(link["url"])
+        assert fetched.status_code == 200 and fetched.content == data
+        token = link["url"].rsplit("/", 1)[1]
+        tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+        assert stranger.get(f"{box.base}/files/shared/{tampered}").status_code == 404
+        secret, of = links.link_secret(box.broker.state), token.split(".")[0]
+        past = datetime.now(UTC) - timedelta(minutes=1)
+        expired = link_token(PREFIX + path, of, past, secret)
+        gone = stranger.get(f"{box.base}/files/shared/{expired}")
+        assert gone.status_code == 410 and "expired" in gone.text
+        # A link made for something outside the files is no link to it.
+        outside = link_token("backups/x", of, datetime.now(UTC) + timedelta(hours=1), secret)
+        assert stranger.get(f"{box.base}/files/shared/{outside}").status_code == 404
+
+        deleted = operator.delete(url, headers={"x-csrf-token": csrf})
+        assert deleted.status_code == 200 and deleted.json() == {"deleted": path}
+        assert viewer.get(url).status_code == 404
+        assert stranger.get(link["url"]).status_code == 404
+    assert _listed(viewer, folder) == []
+    assert operator.delete(url, headers={"x-csrf-token": csrf}).status_code == 404
+
+    done = [e for e in box.audit() if e.action.startswith("file.") and e.target == path]
+    assert [(e.action, e.actor) for e in done] == [
+        (events.FILE_UPLOAD, "user:otto"), (events.FILE_SHARE, "user:otto"),
+        (events.FILE_DELETE, "user:otto")]
+    assert done[0].details == {"size": len(data), "replaced": False}
+    assert done[1].details["expires_at"] == link["expires_at"]
+    assert token not in json.dumps([e.details for e in done])
+
+
+def test_a_file_upload_is_refused_with_a_reason_and_nothing_kept(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    operator, csrf = clients[Role.OPERATOR]
+    folder = f"refused-{uuid.uuid4().hex[:6]}"
+    for name, where in (("../escape.txt", folder), ("a.txt", f"{folder}/../x"),
+                        ("bell\x07.txt", folder), ("x" * 1100, folder), ("é" * 128, folder)):
+        # The name as a field of its own: a client may change the file's own name on the way.
+        answer = _upload(operator, csrf, "upload.bin", b"data", where, name=name)
+        assert answer.status_code == 422 and "invalid name" in answer.json()["detail"], name
+    # The file alone larger than panel.max_upload_mb, in a body within the limit (the plain
+    # form, without script).
+    big = os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1)
+    page = operator.post(f"/files?folder={folder}", data={"csrf": csrf, "folder": folder},
+                         files={"file": ("big.bin", big)})
+    assert page.status_code == 413 and "Not uploaded" in page.text and "panel.max_upload_mb" in page.text
+    assert _listed(operator, folder) == []
+    # The plain form stores a file and goes back to its folder, with a word of it.
+    page = operator.post(f"/files?folder={folder}", data={"csrf": csrf, "folder": folder},
+                         files={"file": ("note.txt", b"hello")})
+    assert page.status_code == 303 and page.headers["location"] == f"/files?folder={folder}/"
+    assert _listed(operator, folder) == [f"{folder}/note.txt"]
+    shown = operator.get(page.headers["location"]).text
+    assert "Uploaded" in shown and "note.txt" in shown
+    assert operator.delete(f"/api/v1/files/{folder}/note.txt",
+                           headers={"x-csrf-token": csrf}).status_code == 200
+
+
+def _declared(box: PanelBox, path: str, length: int, client: httpx.Client, csrf: str = "",
+              kind: str = "multipart/form-data; boundary=x") -> int:
+    """The status answered to a POST whose headers declare `length` bytes of body, of which
+    none is sent: an answer comes only if the box refuses it without waiting for the body
+    (else the socket's timeout fails the test)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", box.port, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("content-type", kind)
+        conn.putheader("content-length", str(length))
+        conn.putheader("cookie", f"circles_session={client.cookies['circles_session']}")
+        if csrf:
+            conn.putheader("x-csrf-token", csrf)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_body_past_its_limit_or_its_senders_role_is_refused_before_it_is_read(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    operator, csrf = clients[Role.OPERATOR]
+    viewer, viewer_csrf = clients[Role.VIEWER]
+    huge = 100 * 1024 * 1024  # past panel.max_upload_mb
+    # Whoever sends it, with the CSRF token or without (the form's field is never looked for).
+    assert _declared(box, "/api/v1/files", huge, operator, csrf) == 413
+    assert _declared(box, "/api/v1/files", huge, operator) == 413
+    assert _declared(box, "/files", huge, viewer) == 413
+    # Within the limit, a viewer is refused for the role before the body comes.
+    assert _declared(box, "/api/v1/files", 5 * 1024 * 1024, viewer, viewer_csrf) == 403
+    # Any other route takes far less than an upload: a form too.
+    assert _declared(box, "/files/remove", 20 * 1024 * 1024, operator,
+                     kind="application/x-www-form-urlencoded") == 413
+
+
+def test_a_file_replaced_keeps_its_name_and_its_old_links_end(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    """overwrite=true replaces a file; a link made before serves nothing since (the new file
+    is not what was shared); the page's share goes to a page that shows the link, and a
+    reload of it makes no other."""
+    operator, csrf = clients[Role.OPERATOR]
+    folder = f"swap-{uuid.uuid4().hex[:6]}"
+    path, url = f"{folder}/a.txt", f"/api/v1/files/{folder}/a.txt"
+
+    def share() -> str:
+        made = operator.post(f"{url}/share", json={"expires": "1h"}, headers={"x-csrf-token": csrf})
+        assert made.status_code == 200, made.text
+        return str(made.json()["url"])
+
+    assert _upload(operator, csrf, "a.txt", b"first", folder).status_code == 201
+    old = share()
+    replaced = _upload(operator, csrf, "a.txt", b"second", folder, overwrite="true")
+    assert replaced.status_code == 201, replaced.text
+    assert (replaced.json()["replaced"], replaced.json()["size"]) == (True, 6)
+    assert operator.get(url).content == b"second"
+    with httpx.Client(timeout=30) as stranger:
+        assert stranger.get(old).status_code == 404
+        assert stranger.get(share()).content == b"second"
+
+    answer = operator.post("/files/share", data={"csrf": csrf, "path": path, "expires": "1d"})
+    assert answer.status_code == 303, answer.text
+    shown = [re.findall(r'id="share-url">([^<]+)<', operator.get(answer.headers["location"]).text)
+             for _ in range(2)]
+    assert shown[0] == shown[1] and len(shown[0]) == 1
+    assert [e.details.get("replaced") for e in box.audit()
+            if e.action == events.FILE_UPLOAD and e.target == path] == [False, True]
+    assert len([e for e in box.audit() if e.action == events.FILE_SHARE and e.target == path]) == 3
+    assert operator.delete(url, headers={"x-csrf-token": csrf}).status_code == 200
+
+
+def _retain(box: PanelBox, messages: list[tuple[str, bytes]]) -> None:
+    """Publish retained messages (an empty payload clears one), as the backup service would."""
+    import asyncio
+
+    async def publish() -> None:
+        bus = box.broker.bus()
+        await bus.connect()
+        try:
+            for topic, data in messages:
+                await bus.publish(topic, data, retain=True, wait=True)
+        finally:
+            await bus.close()
+
+    asyncio.run(publish())
+
+
+def test_the_backups_card_shows_local_only_jobs_drills_and_the_alert(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from appliance.bus import registry
+    from appliance.bus.payloads import BackupAlert, BackupResult
+
+    job = f"nightly-{uuid.uuid4().hex[:6]}"
+    success = (datetime.now(UTC) - timedelta(days=3, hours=1)).isoformat()
+    result = BackupResult(job=job, ok=True, snapshot="s1", target="local:/srv/backups",
+                          local_only=True, last_success=success)
+    drill = BackupResult(job=job, kind="drill", ok=False, target="local:/srv/backups",
+                         local_only=True, error="restored file differs: db/circles.db")
+    alert = BackupAlert(alert=True, reason=f"the last restore drill of {job} failed", jobs=[job])
+    topics = [str(registry.BACKUP_RESULT.topic(job=job)), str(registry.BACKUP_DRILL.topic(job=job)),
+              str(registry.BACKUP_ALERT.topic())]
+    _retain(box, [(t, m.model_dump_json().encode()) for t, m in zip(topics, (result, drill, alert), strict=True)])
+    client, _ = clients[Role.VIEWER]
+    try:
+        shown = _until("the backup job on the dashboard", lambda: [
+            j for j in client.get("/api/v1/dashboard").json()["backups"]["jobs"]
+            if j["job"] == job and j["drill"]])
+        assert shown[0] | {"ts": None} == {
+            "job": job, "ok": True, "ts": None, "last_success": success,
+            "target": "local:/srv/backups", "local_only": True, "snapshot": "s1", "error": None,
+            "drill": {"ok": False, "ts": drill.ts, "error": "restored file differs: db/circles.db"}}
+        backups = _until("the alert", lambda: (b := client.get("/api/v1/dashboard").json()["backups"])
+                         ["alert"] and b)
+        assert backups["alert"]["alert"] is True and backups["alert"]["jobs"] == [job]
+        page = client.get("/").text
+        card = page[page.index('id="backups"'):]
+        assert "local only — not safe from a dead SD card" in card
+        assert f"the last restore drill of {job} failed" in card and "restore drill failed" in card
+        assert "last success 3 days ago" in " ".join(re.sub(r"<[^>]+>", " ", card).split())
+    finally:
+        _retain(box, [(t, b"") for t in topics])
+    _until("the job cleared", lambda: not [
+        j for j in client.get("/api/v1/dashboard").json()["backups"]["jobs"] if j["job"] == job])
+    assert client.get("/api/v1/dashboard").json()["backups"]["alert"] is None
+
+
+def test_the_dashboard_shows_the_last_alerts(
+        box: PanelBox, clients: dict[Role, tuple[httpx.Client, str]]) -> None:
+    from appliance.bus import registry
+    from appliance.bus.payloads import NotifyAlert, NotifyRecent
+
+    ts = datetime.now(UTC).isoformat(timespec="seconds")
+    newest = NotifyAlert(ts=ts, rule="trading_halted", subject="", severity="critical", kind="alert",
+                         title="Trading halted", text="Trading halted by risk: <daily loss>",
+                         pending=["phone"])
+    older = [NotifyAlert(ts=ts, rule="device_offline", subject=f"d{i}", severity="warning",
+                         kind="resolved", title=f"Resolved: Device d{i} offline", text="back") for i in range(6)]
+    topic = str(registry.NOTIFY_RECENT.topic())
+    _retain(box, [(topic, NotifyRecent(alerts=[newest, *older], active=1, queued=1).model_dump_json().encode())])
+    client, _ = clients[Role.VIEWER]
+    try:
+        alerts = _until("the alerts on the dashboard", lambda: (
+            a := client.get("/api/v1/dashboard").json()["alerts"]) and a["alerts"][0]["rule"] == "trading_halted" and a)
+        assert (alerts["active"], alerts["queued"], len(alerts["alerts"])) == (1, 1, 5)  # the last five
+        assert alerts["alerts"][0] == newest.model_dump()
+        page = client.get("/").text
+        card = " ".join(re.sub(r"<[^>]+>", " ", page[page.index('id="alerts"'):]).split())
+        assert "1 firing now · 1 waiting to be sent" in card and "waiting for phone" in card
+        assert "Trading halted by risk: &lt;daily loss&gt;" in card and "Device d3 offline" in card
+        assert "Device d4 offline" not in card
+    finally:
+        _retain(box, [(topic, b"")])
+    _until("the alerts cleared", lambda: client.get("/api/v1/dashboard").json()["alerts"] is None)
+
+
+def test_a_share_on_plain_s3_is_the_stores_presigned_url(
+        own_broker: Any, s3_server: Any, tmp_path: Path) -> None:
+    """A panel whose [storage] is S3 without the box's encryption shares a file by the
+    store's own presigned URL, which gives the bytes to anyone until it expires."""
+    import contextlib
+    import urllib.request
+
+    from tests.s3server import fresh_bucket
+
+    settings = s3_server.settings(own_broker.state, fresh_bucket("files"))
+    env = {"CIRCLES_STORAGE__BACKEND": "s3", "CIRCLES_STORAGE__ENDPOINT": settings.endpoint,
+           "CIRCLES_STORAGE__BUCKET": settings.bucket, "CIRCLES_STORAGE__ENCRYPT": "false",
+           "CIRCLES_STORAGE__SECURE": str(settings.secure).lower()}
+    if settings.region:
+        env["CIRCLES_STORAGE__REGION"] = settings.region
+    with contextlib.contextmanager(start_box)(own_broker, tmp_path, ("panel",), **env) as s3_box:
+        client, csrf = s3_box.login(s3_box.people[Role.OPERATOR])
+        data = os.urandom(200_000)
+        assert _upload(client, csrf, "photo.jpg", data, "album").status_code == 201
+        link = client.post("/api/v1/files/album/photo.jpg/share", json={"expires": "7d"},
+                           headers={"x-csrf-token": csrf}).json()
+        scheme = "https" if settings.secure else "http"
+        assert link["kind"] == "presigned"
+        assert link["url"].startswith(f"{scheme}://{settings.endpoint}/{settings.bucket}/")
+        with urllib.request.urlopen(link["url"], timeout=30) as answer:  # noqa: S310 - a test's own server
+            assert answer.read() == data
+        assert [e.action for e in s3_box.audit() if e.target == "album/photo.jpg"] == [
+            events.FILE_UPLOAD, events.FILE_SHARE]
+
+
+def test_files_whose_store_cannot_open_leave_the_panel_working(own_broker: Any,
+                                                               tmp_path: Path) -> None:
+    """[storage] set to S3 without an endpoint: the panel starts, says why on the Files page
+    and in the API (503 naming the setting), and serves everything else; a stranger's
+    genuine share link gets a bare 503 that says nothing of the store."""
+    import contextlib
+
+    from appliance.panel.files import link_token
+    from appliance.storage import links
+
+    with contextlib.contextmanager(start_box)(own_broker, tmp_path, ("panel",),
+                                              CIRCLES_STORAGE__BACKEND="s3") as bad:
+        client, _ = bad.login(bad.people[Role.VIEWER])
+        answer = client.get("/api/v1/files")
+        assert answer.status_code == 503 and "storage.endpoint" in answer.json()["detail"]
+        page = client.get("/files")
+        assert page.status_code == 200 and "storage.endpoint" in page.text
+        assert client.get("/api/v1/dashboard").status_code == 200
+        assert "storage.endpoint" in bad.procs[-1].log  # logged once, as an error
+        token = link_token("files/a.txt", "0" * 16, datetime.now(UTC) + timedelta(hours=1),
+                           links.link_secret(own_broker.state))
+        with httpx.Client(timeout=30) as stranger:
+            shared = stranger.get(f"{bad.base}/files/shared/{token}")
+            assert shared.status_code == 503 and "cannot be served right now" in shared.text
+            assert "storage" not in shared.text and "s3" not in shared.text.lower()
+            assert stranger.get(f"{bad.base}/files/shared/{token[:-2]}xx").status_code == 404

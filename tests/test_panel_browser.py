@@ -380,7 +380,7 @@ def test_ledger_verify(admin_tab: Tab) -> None:
     intact."""
     page = admin_tab.page
     admin_tab.goto("/more")
-    expect(page.locator("ul.links a")).to_have_count(5)  # the admin also sees trading settings
+    expect(page.locator("ul.links a")).to_have_count(6)  # the admin also sees trading settings
     admin_tab.shot("more")
     page.click("ul.links a[href='/ledger']")
     expect(page.locator("h1")).to_have_text("Ledger")
@@ -767,3 +767,98 @@ def test_halt_and_flatten_asks_first(box: PanelBox, admin_tab: Tab) -> None:
         _trading_until(admin_tab, "#resume")
         _resume_if_halted(admin_tab)
         _trading_until(admin_tab, "#halt")
+
+
+def test_files_from_the_phone(box: PanelBox, admin_tab: Tab, tmp_path: Path) -> None:
+    """Files, opened from More: a file uploaded with the progress bar filling, listed,
+    downloaded with the same bytes, shared by a link that a browser without a login opens,
+    and deleted after a confirmation (its link gone with it)."""
+    page = admin_tab.page
+    admin_tab.goto("/more")
+    with page.expect_navigation():
+        page.click("a[href='/files']")
+    expect(page.locator("h1")).to_have_text("Files")
+    expect(page.locator("nav.tabs a[aria-current=page]")).to_have_text("More")
+    name = f"holiday-{uuid.uuid4().hex[:6]}.bin"
+    data = os.urandom(2 * 1024 * 1024)
+    (tmp_path / name).write_bytes(data)
+    page.set_input_files("#upload input[type=file]", str(tmp_path / name))
+    page.click("#upload-button")
+    expect(page.locator("#upload-status")).to_have_text(f"Uploaded {name}.")
+    bar = page.locator("#upload-progress")
+    expect(bar).to_be_visible()
+    # The bar's end is the whole request as the browser sent it (more than the file): set by
+    # the upload's progress events, and reached.
+    value, end = bar.evaluate("b => [b.value, b.max]")
+    assert value == end > len(data), (value, end)
+    row = page.locator(f"li[data-file='{name}']")
+    expect(row).to_contain_text("2.0 MB")
+
+    with page.expect_download() as download:
+        row.locator("a[download]").click()
+    assert download.value.suggested_filename == name
+    assert Path(download.value.path()).read_bytes() == data
+
+    row.locator("details.share summary").click()
+    expect(row.locator("button[value='7d']")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, "wider than the phone"
+    admin_tab.shot("files")
+    with page.expect_navigation():
+        row.locator("button[value='1d']").click()
+    expect(page.locator("#shared h2")).to_have_text(f"Share link for {name}")
+    link = page.locator("#share-url").inner_text()
+    admin_tab.shot("files-shared")
+    stranger = admin_tab.context.browser.new_context(**PHONE)  # type: ignore[union-attr]
+    try:
+        fetched = stranger.request.get(link)
+        assert fetched.status == 200 and fetched.body() == data
+        assert "attachment" in fetched.headers["content-disposition"]
+
+        page.locator(f"li[data-file='{name}'] a.danger").click()
+        expect(page.locator("h1")).to_have_text(f"Delete {name}?")
+        with page.expect_navigation():
+            page.click("#confirm-delete")
+        expect(page.locator("p.flash")).to_have_text(f"Deleted {name}.")
+        expect(page.locator(f"li[data-file='{name}']")).to_have_count(0)
+        assert stranger.request.get(link).status == 404
+    finally:
+        stranger.close()
+
+
+def test_the_dashboard_warns_of_a_local_only_backup(box: PanelBox, broker: TestBroker,
+                                                    admin_tab: Tab) -> None:
+    """A backup job whose target is the box's own disk, and the backup alert, as the backup
+    service retains them, on the dashboard."""
+    from appliance.bus.payloads import BackupAlert, BackupResult
+
+    job = f"phone-{uuid.uuid4().hex[:6]}"
+    ago = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 5 * 3600))
+    sent = [(registry.BACKUP_RESULT.topic(job=job), BackupResult(
+                job=job, ok=True, target="local:/var/lib/circles/backups", local_only=True,
+                last_success=ago)),
+            (registry.BACKUP_ALERT.topic(), BackupAlert(
+                alert=True, reason=f"{job} has no backup off the box", jobs=[job]))]
+
+    async def retain(clear: bool) -> None:
+        bus = broker.bus()
+        await bus.connect()
+        try:
+            for topic, payload in sent:
+                await bus.publish(str(topic), b"" if clear else payload.model_dump_json().encode(),
+                                  retain=True, wait=True)
+        finally:
+            await bus.close()
+
+    in_thread(retain(False))
+    try:
+        page = admin_tab.page
+        admin_tab.goto("/")
+        card = page.locator("#backups")
+        expect(card.locator(f"li[data-job='{job}']")).to_contain_text("last success 5 h ago",
+                                                                       timeout=LIVE_S * 1000)
+        expect(card.locator(f"li[data-job='{job}'] .badge.warn")).to_have_text(
+            "local only — not safe from a dead SD card")
+        expect(card.locator("#backup-alert")).to_contain_text(f"{job} has no backup off the box")
+        admin_tab.shot("dashboard-backups")
+    finally:
+        in_thread(retain(True))

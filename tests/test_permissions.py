@@ -31,7 +31,7 @@ def test_the_table() -> None:
     assert set(PERMISSIONS) == set(Role)
     assert PERMISSIONS[Role.VIEWER] == {Permission.VIEW}
     assert PERMISSIONS[Role.OPERATOR] == {Permission.VIEW, Permission.TRADING_CONTROL,
-                                          Permission.DEVICES_OPERATE}
+                                          Permission.DEVICES_OPERATE, Permission.FILES_WRITE}
     assert PERMISSIONS[Role.ADMIN] == set(Permission)
     # Each role can do at least what the one below it can.
     assert PERMISSIONS[Role.VIEWER] < PERMISSIONS[Role.OPERATOR] < PERMISSIONS[Role.ADMIN]
@@ -41,8 +41,10 @@ def test_the_table() -> None:
     (viewer, Permission.VIEW, True),
     (viewer, Permission.TRADING_CONTROL, False),  # a viewer cannot halt trading
     (viewer, Permission.DEVICES_OPERATE, False),
+    (viewer, Permission.FILES_WRITE, False),  # a viewer may only list and download
     (operator, Permission.TRADING_CONTROL, True),
     (operator, Permission.DEVICES_OPERATE, True),
+    (operator, Permission.FILES_WRITE, True),
     (operator, Permission.USERS_MANAGE, False),  # an operator cannot manage users
     (operator, Permission.KEYS_MANAGE, False),
     (operator, Permission.SECRETS_MANAGE, False),

@@ -9,6 +9,7 @@ from appliance.bus import Filter, Topic, registry, slug
 from appliance.bus.payloads import HomeState
 from appliance.bus.roles import acl_filters
 from appliance.errors import ValidationFailed
+from modules.backup.settings import RESERVED_JOBS
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -99,8 +100,11 @@ def test_every_topic_is_declared_once() -> None:
 def _could_meet(a: str, b: str) -> bool:
     """Whether some topic fits both templates: same depth, and each level the same word or
     a `{name}` in one of them that can take the other's word (`{service}` takes only the
-    names of services; an account or a device is whatever its owner calls it)."""
+    names of services; a backup job's name is never one of RESERVED_JOBS, which its settings
+    refuse; an account or a device is whatever its owner calls it)."""
     def fits(level: str, word: str) -> bool:
+        if level == "{job}" and word in RESERVED_JOBS:
+            return False
         return level == word or level.startswith("{") and (
             level != "{service}" or word.startswith("{") or word in services.names())
 

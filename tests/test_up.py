@@ -41,11 +41,18 @@ def test_circles_up_runs_the_appliance_and_stops_cleanly(tmp_path: Path) -> None
     assert match, first_admin
     children: list[psutil.Process] = []
     try:
-        # The printed line works as printed: status online, and the state updating.
-        watch = subprocess.run(shlex.split(sub_line) + ["-W", "4"], capture_output=True, text=True)
-        seen = watch.stdout.splitlines()
+        # The printed line works as printed: status online, and the state updating. The line
+        # comes as the services start, so on a busy machine the first watch may be early.
+        deadline = time.monotonic() + 30
+        while True:
+            watch = subprocess.run(shlex.split(sub_line) + ["-W", "4"], capture_output=True,
+                                   text=True)
+            seen = watch.stdout.splitlines()
+            states = [line for line in seen if line.startswith("circles/health/state ")]
+            if "circles/health/status online" in seen and len(set(states)) >= 2 \
+                    or time.monotonic() > deadline:
+                break
         assert "circles/health/status online" in seen, seen
-        states = [line for line in seen if line.startswith("circles/health/state ")]
         assert len(set(states)) >= 2, seen
         # Without the observer's credentials the broker refuses.
         anonymous = re.sub(r"-u \S+ -P '[^']*' ", "", sub_line)

@@ -4,7 +4,7 @@ so a device or `mosquitto_pub` can publish one by hand."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -98,3 +98,54 @@ class TradingHalt(Payload):
     by: str
     reason: str
     ts: str = Field(default_factory=utcnow)
+
+
+class BackupResult(Payload):
+    """The last run of a backup job, or of its restore drill (`kind`), retained per job."""
+
+    job: str
+    kind: Literal["backup", "drill"] = "backup"
+    ok: bool
+    ts: str = Field(default_factory=utcnow)
+    snapshot: str | None = None  # the snapshot's id
+    target: str  # the store's name: "local:/…" or "s3://host/bucket"
+    local_only: bool  # the target is on the box's own disk: not safe from a dead SD card
+    files: int = 0
+    bytes: int = 0  # plaintext bytes in the snapshot
+    uploaded_bytes: int = 0  # bytes sent to the store this run (new chunks only)
+    duration_s: float = 0.0
+    error: str | None = None
+    last_success: str | None = None  # when this job last succeeded (this run or before)
+
+
+class BackupAlert(Payload):
+    """Retained: whether any job has gone without a good backup for too long."""
+
+    alert: bool
+    ts: str = Field(default_factory=utcnow)
+    reason: str = ""
+    jobs: list[str] = []  # the jobs that are overdue or whose last drill failed
+    overdue: list[str] = []  # the reasons that are not a failed drill: "<job>: no good backup …"
+
+
+class NotifyAlert(Payload):
+    """One message of the notify service: an alert, a summary of one that keeps firing, or
+    its end."""
+
+    ts: str
+    rule: str
+    subject: str
+    severity: Literal["info", "warning", "critical"]
+    kind: Literal["alert", "summary", "resolved"]
+    title: str
+    text: str
+    pending: list[str] = []  # channels it still waits for (held, or being retried)
+
+
+class NotifyRecent(Payload):
+    """Retained by the notify service: its last messages, newest first."""
+
+    ts: str = Field(default_factory=utcnow)
+    alerts: list[NotifyAlert] = []
+    active: int = 0  # alerts firing now
+    queued: int = 0  # deliveries waiting (quiet hours, rate limit, a channel down)

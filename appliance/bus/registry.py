@@ -79,6 +79,16 @@ MT5_RESEND = _spec("mt5_resend", "circles/mt5/{account}/cmd/resend", model=mt5.M
                    pub="service:mt5-bridge", sub="mt5:self")
 MT5_GAPS = _spec("mt5_gaps", "circles/mt5/{account}/gaps", retained=True, model=mt5.MT5Gaps,
                  pub="service:mt5-bridge", sub="service homeassistant")
+# Backups (docs/backup.md): each job's last run and last restore drill, and the alert.
+BACKUP_RESULT = _spec("backup_result", "circles/backup/{job}/result", retained=True,
+                      model=p.BackupResult, pub="service:backup", sub="service homeassistant")
+BACKUP_DRILL = _spec("backup_drill", "circles/backup/{job}/drill", retained=True,
+                     model=p.BackupResult, pub="service:backup", sub="service homeassistant")
+BACKUP_ALERT = _spec("backup_alert", "circles/backup/alert", retained=True,
+                     model=p.BackupAlert, pub="service:backup", sub="service homeassistant")
+# Alerts to the owner's phone (docs/notify.md): the last ones sent, for the panel.
+NOTIFY_RECENT = _spec("notify_recent", "circles/notify/recent", retained=True,
+                      model=p.NotifyRecent, pub="service:notify", sub="service homeassistant")
 HOME_STATE = _spec("home_state", "circles/home/{device}/{entity}/state", retained=True,
                    model=p.HomeState, pub="esp32:self service", sub="service homeassistant")
 HOME_SET = _spec("home_set", "circles/home/{device}/{entity}/set",

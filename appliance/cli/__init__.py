@@ -542,9 +542,9 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="list the registered services")
     svc.set_defaults(func=_cmd_services)
 
-    from appliance.cli import audit, backtest, crypto, db, devices, home, trading, users
+    from appliance.cli import audit, backtest, backup, crypto, db, devices, home, notify, trading, users
 
-    for area in (users, crypto, audit, devices, trading, home, db, backtest):
+    for area in (users, crypto, audit, devices, trading, home, db, backtest, backup, notify):
         area.add_commands(sub)
     return top
 
@@ -552,7 +552,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        act_as(SERVICE_USER)  # root on a box: as the services, so they can read what it makes
+        if not getattr(args, "as_root", False):  # only a disaster recovery keeps root's rights
+            act_as(SERVICE_USER)  # root on a box: as the services, so they can read what it makes
         return int(args.func(args))
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

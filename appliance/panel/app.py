@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from appliance.bus.trade_event import MAX_EVENT_BYTES
 from appliance.panel.auth import PanelMiddleware, csrf_protect, login_of
 from appliance.panel.deps import Panel
 from appliance.panel.metrics import RequestMetrics
@@ -23,6 +24,7 @@ from appliance.panel.routes import (
     dashboard,
     devices,
     docs,
+    files,
     home,
     ledger,
     login,
@@ -37,7 +39,11 @@ STATIC = Path(__file__).with_name("static")
 ROUTERS = (login.router, dashboard.api, dashboard.pages, trading.api, trading.pages, ledger.api,
            ledger.pages, account.api, account.pages, trades.router, docs.router, trust.router,
            app_shell.router, prometheus.router, home.api, home.pages, devices.api, devices.pages,
-           logs.api, logs.pages)
+           logs.api, logs.pages, files.api, files.pages, files.uploads)
+# The largest request body the app takes, checked as it comes (a body declared larger is
+# refused before any of it is read, also before a form's CSRF field is looked for): a full
+# batch of trade events. Only the uploads of files may be larger (panel.max_upload_mb).
+MAX_BODY = MAX_EVENT_BYTES * trades.MAX_EVENTS
 
 
 class CachedStatic(StaticFiles):
@@ -52,10 +58,11 @@ class CachedStatic(StaticFiles):
 def create_app(panel: Panel) -> FastAPI:
     app = FastAPI(title="Circles", summary="The control panel's API: session or bearer token.",
                   docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(csrf_protect)])
+                  dependencies=[Depends(csrf_protect)], max_body_size=MAX_BODY)
     app.state.panel = panel
+    uploads = panel.files.max_body if panel.files else None
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, max_body_size=uploads if router is files.uploads else None)
     app.mount("/static", CachedStatic(directory=STATIC), name="static")
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from appliance.trade_sender import TradeSender
 
 if TYPE_CHECKING:
     from appliance.panel.devices import DeviceAdmin
+    from appliance.panel.files import FileSpace
     from appliance.panel.logs import LogSource
     from appliance.panel.trust import CaCert
     from appliance.security.secrets import SecretStore
@@ -44,6 +45,7 @@ class Panel:
     devices: DeviceAdmin | None = None  # devices in the broker (None: not managed here)
     secrets: SecretStore | None = None  # exchange API keys (None: not stored from here)
     logs: LogSource | None = None  # the services' log lines (None: not read here)
+    files: FileSpace | None = None  # the shared files (None: not served here)
 
     @property
     def engine(self) -> Engine:
@@ -101,6 +103,7 @@ KeysManager = Annotated[Principal, Depends(RequirePermission(Permission.KEYS_MAN
 DevicesOperate = Annotated[Principal, Depends(RequirePermission(Permission.DEVICES_OPERATE))]
 DevicesManager = Annotated[Principal, Depends(RequirePermission(Permission.DEVICES_MANAGE))]
 SecretsManager = Annotated[Principal, Depends(RequirePermission(Permission.SECRETS_MANAGE))]
+FilesWriter = Annotated[Principal, Depends(RequirePermission(Permission.FILES_WRITE))]
 
 
 async def _login(request: Request) -> Login:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +22,11 @@ from appliance.bus.base import Bus
 from appliance.bus.message import Received
 from appliance.config import CoreSettings, Section
 from appliance.errors import ConfigError, OperationalError
+from appliance.files import private_dir
 from appliance.panel.app import create_app
 from appliance.panel.deps import Panel
 from appliance.panel.devices import DeviceAdmin
+from appliance.panel.files import open_space
 from appliance.panel.home import keep_charts
 from appliance.panel.logs import open_source
 from appliance.panel.metrics import PanelMetrics
@@ -63,6 +66,7 @@ class PanelSettings(Section):
     device_port: int | None = Field(
         None, ge=1, le=65535, description="the broker port a device added on the panel is "
                                           "given (default 1883, or 8883 when bus.tls)")
+    max_upload_mb: int = Field(2048, ge=1, description="the largest file the Files page takes")
 
     @field_validator("tls_key")
     @classmethod
@@ -117,6 +121,11 @@ class PanelService(Service):
         self.panel.devices = DeviceAdmin(
             self.settings.bus, self.settings.state_dir, store, users.audit,
             frozenset(services.names()), config.device_host, config.device_port)
+        # The shared files, in the personal cloud's store ([storage]). An upload spools past
+        # 1 MiB to a temporary file: on the state disk, not in /tmp, which may be RAM (tmpfs).
+        tempfile.tempdir = str(private_dir(self.settings.state_dir / "tmp"))
+        self.panel.files = await asyncio.to_thread(open_space, self.settings, keyring,
+                                                   config.max_upload_mb)
         self.app = create_app(self.panel)
 
     @subscribe(registry.TRADE_ACK)
@@ -150,6 +159,22 @@ class PanelService(Service):
     @subscribe(registry.OPEN_ORDERS)
     async def on_orders(self, msg: Received) -> None:
         await self.view.set_account_state("orders", msg.params["account"], _plain(msg.data))
+
+    @subscribe(registry.BACKUP_RESULT)
+    async def on_backup(self, msg: Received) -> None:
+        await self.view.set_account_state("backups", msg.params["job"], _plain(msg.data))
+
+    @subscribe(registry.BACKUP_DRILL)
+    async def on_drill(self, msg: Received) -> None:
+        await self.view.set_account_state("drills", msg.params["job"], _plain(msg.data))
+
+    @subscribe(registry.BACKUP_ALERT)
+    async def on_backup_alert(self, msg: Received) -> None:
+        await self.view.set("backup_alert", _plain(msg.data))
+
+    @subscribe(registry.NOTIFY_RECENT)
+    async def on_alerts(self, msg: Received) -> None:
+        await self.view.set("alerts", _plain(msg.data))
 
     @subscribe(registry.HOME_STATE)
     async def on_home_state(self, msg: Received) -> None:
@@ -196,6 +221,8 @@ class PanelService(Service):
 
     async def stop(self) -> None:
         self.panel.engine.dispose()
+        if self.panel.files is not None:
+            await asyncio.to_thread(self.panel.files.close)
 
     def address(self) -> str:
         scheme = "https" if self.config.tls_cert else "http"

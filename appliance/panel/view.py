@@ -1,7 +1,7 @@
 """What the panel knows of the box, kept from the bus: every service's status (and since
 when), the health figures, the trading halt, the risk state, each account's metrics (and
-positions and open orders), each home entity's reported state, and when each device
-(ESP32 node, MT5 expert advisor) was last heard.
+positions and open orders), each backup job's last run and drill, each home entity's
+reported state, and when each device (ESP32 node, MT5 expert advisor) was last heard.
 
 The panel service feeds it from retained topics; pages and the JSON API read `dashboard()`,
 and live pages wait on `changed()` for the next version.
@@ -64,6 +64,12 @@ class BoxView:
         # Each execution account's open positions and open orders (retained; with its mode).
         self.positions: dict[str, dict[str, Any]] = {}
         self.orders: dict[str, dict[str, Any]] = {}
+        # Each backup job's last run and last restore drill (retained), and the alert.
+        self.backups: dict[str, dict[str, Any]] = {}
+        self.drills: dict[str, dict[str, Any]] = {}
+        self.backup_alert: dict[str, Any] | None = None
+        # The notify service's last alerts (retained circles/notify/recent).
+        self.alerts: dict[str, Any] | None = None
         # The home: each entity's reported state (by device, then entity), each device's
         # status and when it was last heard (ESP32 nodes and the home-sensors' devices, MT5
         # expert advisors apart).
@@ -122,7 +128,8 @@ class BoxView:
 
     async def set_account_state(self, what: str, account: str,
                                 value: dict[str, Any] | None) -> None:
-        """An execution account's retained `positions` or `orders` (None: cleared)."""
+        """A retained state kept by name (None: cleared): an execution account's `positions`
+        or `orders`, a backup job's last run (`backups`) or restore drill (`drills`)."""
         kept: dict[str, dict[str, Any]] = getattr(self, what)
         if value is None:
             kept.pop(account, None)
@@ -159,7 +166,30 @@ class BoxView:
                 "pnl_today": self.pnl_today(),
             },
             "accounts": sorted(self.metrics),
+            "alerts": self.last_alerts(),
+            "backups": self.backup_status(),
         }
+
+    def backup_status(self) -> dict[str, Any]:
+        """Each backup job's last run (ok, when, its target, `local_only`, the error), when it
+        last succeeded, its last restore drill; and the backup service's alert."""
+        jobs = []
+        for job in sorted(set(self.backups) | set(self.drills)):
+            run, drill = self.backups.get(job) or {}, self.drills.get(job)
+            jobs.append({key: run.get(key) for key in (
+                "ok", "ts", "last_success", "target", "local_only", "snapshot", "error")}
+                | {"job": job, "drill": {key: drill.get(key) for key in ("ok", "ts", "error")}
+                   if drill else None})
+        return {"jobs": jobs, "alert": self.backup_alert}
+
+    def last_alerts(self, count: int = 5) -> dict[str, Any] | None:
+        """The notify service's last `count` alerts, newest first (title, text, severity, kind,
+        when, channels still waited for), how many fire now and how many deliveries wait;
+        None before it said anything."""
+        if self.alerts is None:
+            return None
+        return {"alerts": self.alerts.get("alerts", [])[:count], "active": self.alerts.get("active", 0),
+                "queued": self.alerts.get("queued", 0)}
 
     # -- the home and the devices ------------------------------------------------------------
     async def set_home_state(self, device: str, entity: str, state: dict[str, Any] | None,

@@ -8,8 +8,9 @@ object to the current key by re-sealing only its 32-byte data key.
 
 Only authenticated modes exist here: a modified, truncated or mislabelled ciphertext is
 refused with `DecryptionError`, never decrypted into garbage (docs/encryption.md says why).
-Files of any size go through `encrypt_stream`/`decrypt_stream` in fixed-size chunks, with
-constant memory, under the same keyring.
+Files of any size go through `encrypt_chunks`/`decrypt_chunks` (or their file-to-file
+forms `encrypt_stream`/`decrypt_stream`) in fixed-size chunks, with constant memory, under the
+same keyring.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import secrets as _random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -259,10 +261,11 @@ def _parse_header(blob: bytes, magic: bytes, version: int) -> tuple[str, int]:
 
 
 # -- streams ---------------------------------------------------------------------------------
-def encrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes, *,
-                   chunk_size: int = CHUNK_SIZE) -> int:
-    """Encrypt everything `src` yields into `dst`, holding two chunks in memory at most;
-    returns the bytes written. `aad` is needed again to decrypt.
+def encrypt_chunks(src: BinaryIO, keyring: Keyring, aad: bytes, *,
+                   chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The encrypted stream of everything `src` yields, piece by piece: the header, then each
+    sealed chunk, reading `src` only as pieces are asked for (two chunks in memory at most).
+    `aad` is needed again to decrypt.
 
     Layout: magic "CIRS", version 1, key-id length, key id, wrapped data key (60), nonce
     prefix (7), chunk size (4, big-endian); then chunks of `chunk_size` bytes + 16-byte tag,
@@ -275,26 +278,23 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes, *
     prefix = _random.token_bytes(_PREFIX_BYTES)
     header = head + prefix + chunk_size.to_bytes(4, "big")
     aead, ad = AESGCM(data_key), header + aad
-    dst.write(header)
-    written, index = len(header), 0
+    yield header
+    index = 0
     chunk = _read_full(src, chunk_size)
     while True:
         # Read one chunk ahead: only then is it known whether this one is the final chunk.
         following = _read_full(src, chunk_size) if len(chunk) == chunk_size else b""
-        sealed = aead.encrypt(_nonce(prefix, index, not following), chunk, ad)
-        dst.write(sealed)
-        written += len(sealed)
+        yield aead.encrypt(_nonce(prefix, index, not following), chunk, ad)
         if not following:
-            return written
+            return
         chunk, index = following, index + 1
 
 
-def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes) -> int:
-    """Decrypt a stream from `encrypt_stream` into `dst`; returns the plaintext bytes written.
-
-    Each chunk is written only after it authenticates, but a failure at chunk `i` (raised as
-    `DecryptionError` naming `i`) leaves chunks before it in `dst`: write to a temporary file
-    and keep it only on success, as `decrypt_file` does."""
+def decrypt_chunks(src: BinaryIO, keyring: Keyring, aad: bytes) -> Iterator[bytes]:
+    """The plaintext of a stream from `encrypt_chunks`, chunk by chunk, each given only after
+    it authenticates. A failure at chunk `i` raises `DecryptionError` naming `i` after the
+    chunks before it were given: a caller that must not keep part of a damaged stream writes
+    to a temporary file and keeps it only on success, as `decrypt_file` does."""
     start = _read_full(src, len(STREAM_MAGIC) + 2)
     kid = _read_full(src, start[-1]) if len(start) == len(STREAM_MAGIC) + 2 else b""
     header = start + kid + _read_full(src, WRAPPED_KEY_BYTES + _PREFIX_BYTES + 4)
@@ -305,16 +305,44 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes) -
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise DecryptionError("not a Circles ciphertext (bad chunk size)")
     aead, ad, size = AESGCM(data_key), header + aad, chunk_size + TAG_BYTES
-    written, index = 0, 0
+    index = 0
     chunk = _read_full(src, size)
     while True:
         following = _read_full(src, size) if len(chunk) == size else b""
-        plain = _open_chunk(aead, prefix, index, chunk, ad, final=not following)
+        yield _open_chunk(aead, prefix, index, chunk, ad, final=not following)
+        if not following:
+            return
+        chunk, index = following, index + 1
+
+
+def encrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes, *,
+                   chunk_size: int = CHUNK_SIZE) -> int:
+    """`encrypt_chunks` written into `dst`; returns the bytes written."""
+    written = 0
+    for piece in encrypt_chunks(src, keyring, aad, chunk_size=chunk_size):
+        dst.write(piece)
+        written += len(piece)
+    return written
+
+
+def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring, aad: bytes) -> int:
+    """`decrypt_chunks` written into `dst`; returns the plaintext bytes written. A failure
+    leaves the chunks before it in `dst` (see `decrypt_chunks`)."""
+    written = 0
+    for plain in decrypt_chunks(src, keyring, aad):
         dst.write(plain)
         written += len(plain)
-        if not following:
-            return written
-        chunk, index = following, index + 1
+    return written
+
+
+def plaintext_size(stored: int, key_id: str, chunk_size: int) -> int:
+    """The plaintext size of a stream of `stored` bytes from `encrypt_chunks` under the key
+    `key_id` with `chunk_size`: the overhead is fixed (the header, a tag per chunk, and at
+    least one, possibly empty, chunk), so no byte of it needs to be read."""
+    header = len(STREAM_MAGIC) + 2 + len(key_id) + WRAPPED_KEY_BYTES + _PREFIX_BYTES + 4
+    body = stored - header
+    chunks = max(1, -(-body // (chunk_size + TAG_BYTES)))
+    return max(0, body - chunks * TAG_BYTES)
 
 
 def _open_chunk(aead: AESGCM, prefix: bytes, index: int, chunk: bytes, ad: bytes, *,

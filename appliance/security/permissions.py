@@ -4,7 +4,8 @@ Every check, whether a panel route, a CLI command or a library function, ends in
 `authorize(principal, permission)`, so the table below is the whole policy:
 
 - `viewer` reads everything the panel shows;
-- `operator` also halts and resumes trading and switches devices (a relay, a heater);
+- `operator` also halts and resumes trading, switches devices (a relay, a heater) and
+  uploads, deletes and shares files;
 - `admin` also manages users, keys, secrets and devices (adds, removes, re-keys them).
 
 `requires(permission)` guards a function whose first argument is the acting Principal;
@@ -46,9 +47,11 @@ class Permission(StrEnum):
     KEYS_MANAGE = "keys.manage"  # the keyring and API keys
     SECRETS_MANAGE = "secrets.manage"
     DEVICES_MANAGE = "devices.manage"  # add, remove, re-credential devices in the broker
+    FILES_WRITE = "files.write"  # upload, delete and share the box's files
 
 
-_OPERATE = frozenset({Permission.VIEW, Permission.TRADING_CONTROL, Permission.DEVICES_OPERATE})
+_OPERATE = frozenset({Permission.VIEW, Permission.TRADING_CONTROL, Permission.DEVICES_OPERATE,
+                      Permission.FILES_WRITE})
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.VIEW}),
     Role.OPERATOR: _OPERATE,

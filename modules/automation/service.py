@@ -20,6 +20,7 @@ from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 
+from appliance import cron
 from appliance.bus import new_request_id, registry
 from appliance.bus.base import Bus
 from appliance.bus.message import Received
@@ -27,7 +28,7 @@ from appliance.bus.payloads import CommandRequest, HomeState
 from appliance.config import CoreSettings
 from appliance.logging import request_id
 from appliance.runtime import Service, subscribe
-from modules.automation import cron
+from appliance.values import in_window
 from modules.automation.pending import PendingStore, Timed, due_now
 from modules.automation.settings import (
     Automation,
@@ -36,7 +37,6 @@ from modules.automation.settings import (
     Rule,
     Schedule,
     demo_rules,
-    in_window,
 )
 
 log = logging.getLogger("circles.automation")

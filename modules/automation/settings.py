@@ -7,12 +7,9 @@ names the rule or schedule, and the service exits 78 (docs/automation.md).
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from datetime import UTC, datetime, time, timedelta, tzinfo
+from datetime import UTC, datetime, time, tzinfo
 from typing import Annotated, Any, ClassVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import (
     AfterValidator,
@@ -25,88 +22,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from appliance import cron
 from appliance.bus import registry
 from appliance.bus.topics import Topic, TopicSpec, slug
 from appliance.config import Section
-from modules.automation import cron
+from appliance.values import Duration, Scalar, check_range, check_zone, compare, parse_window
+from appliance.values import parse_duration as parse_duration  # its home before appliance.values
 
-MAX_DURATION = timedelta(days=30)
 OPPOSITE = {"ON": "OFF", "OFF": "ON", "on": "off", "off": "on", "On": "Off", "Off": "On"}
-_DURATION = re.compile(r"^(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?$")
-_WINDOW = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
-
-
-# -- values -------------------------------------------------------------------------------
-def number(value: Any) -> float | None:
-    """`value` as a finite number (a JSON number or a numeric string), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        found = float(value)
-    elif isinstance(value, str):
-        try:
-            found = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return found if math.isfinite(found) else None
-
-
-def same(actual: Any, expected: Any) -> bool:
-    """Numbers compare as numbers (`21` is `21.0` is `"21"`), anything else as its text
-    (`"ON"`; `true` is `"true"`)."""
-    a, e = number(actual), number(expected)
-    if a is not None and e is not None:
-        return a == e
-
-    def text(value: Any) -> str:
-        return value if isinstance(value, str) else json.dumps(value)
-
-    return text(actual) == text(expected)
-
-
-def parse_duration(value: Any) -> Any:
-    """`90s`, `5m`, `1h30m`, `2d`, or a number of seconds, as a timedelta."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is like '90s', '5m' or '1h30m'")
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    if isinstance(value, str) and not value.strip().upper().startswith("P"):  # ISO 8601: pydantic's
-        found = _DURATION.match(value.strip().lower())
-        if not value.strip() or found is None:
-            raise ValueError(f"{value!r} is not a duration like '90s', '5m' or '1h30m'")
-        days, hours, minutes, seconds = (int(part or 0) for part in found.groups())
-        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    return value
-
-
-def _bounded(value: timedelta) -> timedelta:
-    if not timedelta(0) < value <= MAX_DURATION:
-        raise ValueError(f"must be above 0 and at most {MAX_DURATION.days} days")
-    return value
-
-
-def parse_window(text: str) -> tuple[time, time]:
-    """`"18:00-07:00"` as (start, end); the window may cross midnight; `24:00` ends at midnight."""
-    found = _WINDOW.match(text.strip())
-    if found is None:
-        raise ValueError(f"{text!r} is not a time window like '18:00-07:00'")
-    h1, m1, h2, m2 = (int(part) for part in found.groups())
-    if (h2, m2) == (24, 0):
-        h2 = 0
-    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
-        raise ValueError(f"{text!r}: hours are 00-23 (24:00 only as the end), minutes 00-59")
-    start, end = time(h1, m1), time(h2, m2)
-    if start == end:
-        raise ValueError(f"{text!r} starts where it ends")
-    return start, end
-
-
-def in_window(moment: time, window: tuple[time, time]) -> bool:
-    """Whether a local time of day is inside a window (start included, end excluded)."""
-    start, end = window
-    return start <= moment < end if start < end else moment >= start or moment < end
 
 
 def _window(text: str | None) -> str | None:
@@ -148,9 +71,7 @@ def check_topic(value: str, specs: tuple[TopicSpec, ...], what: str) -> str:
     raise ValueError(f"{value!r} is not {what} ({templates}){seen}")
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_bounded)]
 Payload = Annotated[str, BeforeValidator(_payload), Field(max_length=1024)]
-Scalar = str | int | float | bool
 
 
 # -- the declarations ---------------------------------------------------------------------
@@ -176,19 +97,12 @@ class Condition(Section):
                  self.above is not None or self.below is not None]
         if sum(given) != 1:
             raise ValueError("give one test: is, is_not, or above and/or below")
-        if self.above is not None and self.below is not None and self.above >= self.below:
-            raise ValueError(f"above ({self.above:g}) must be less than below ({self.below:g})")
+        check_range(self.above, self.below)
         return self
 
     def holds(self, value: Any) -> bool:
         """The test on a known value."""
-        if self.is_ is not None:
-            return same(value, self.is_)
-        if self.is_not is not None:
-            return not same(value, self.is_not)
-        found = number(value)
-        return found is not None and (self.above is None or found > self.above) \
-            and (self.below is None or found < self.below)
+        return compare(value, is_=self.is_, is_not=self.is_not, above=self.above, below=self.below)
 
     def describe(self) -> str:
         if self.is_ is not None:
@@ -325,12 +239,7 @@ class AutomationSettings(Section):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown time zone {value!r} (e.g. 'Europe/Berlin')") from None
-        return value
+        return check_zone(value) if value is not None else None
 
     @model_validator(mode="after")
     def _unique_names(self) -> AutomationSettings:
